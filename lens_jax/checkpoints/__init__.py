@@ -1,0 +1,1 @@
+"""Reading official PyTorch-layout checkpoints (safetensors) and writing Orbax checkpoints."""

@@ -1,0 +1,1 @@
+"""Prompt rendering and tokenisation for the GPT-OSS text encoder."""

@@ -1,0 +1,35 @@
+"""lens_jax: a JAX/Flax training system for Microsoft's Lens text-to-image model."""
+from setuptools import find_packages, setup
+
+setup(
+    name="lens_jax",
+    version="0.1.0",
+    description="JAX/Flax reproduction of the Lens MMDiT text-to-image system",
+    packages=find_packages(include=["lens_jax", "lens_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.0",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11.0",
+        "ml-collections>=1.0.0",
+        "ml_dtypes>=0.5.0",
+        "numpy>=1.26",
+        "absl-py>=2.0",
+    ],
+    extras_require={
+        # Tokenizers for prompt encoding (local tokenizer.json / sentencepiece only; no hub access).
+        "text": ["transformers>=5.0", "tokenizers>=0.21", "sentencepiece>=0.2"],
+        # Everything the test suite needs, parity references included. torch==2.13.0 is the
+        # CPU build available locally; a bare `torch` would pull a multi-GB CUDA wheel.
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0",
+            "diffusers>=0.42",
+            "transformers>=5.0",
+            "tokenizers>=0.21",
+            "sentencepiece>=0.2",
+            "safetensors>=0.5",
+        ],
+    },
+)
