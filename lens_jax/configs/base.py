@@ -1,0 +1,93 @@
+"""Shared configuration defaults. Experiment files in `experiments/` hold only deltas over these.
+
+Every value lives in one place: the model architecture in the model presets (`lens_jax/models/*`),
+training defaults here, and per-experiment deltas in `experiments/<phase>.py`.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from lens_jax.models import attention as attention_lib
+from lens_jax.models import remat as remat_lib
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the option to set."""
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+def model_config(preset: str = "lens_3p8b") -> ml_collections.ConfigDict:
+    """The DiT: a preset name from lens_jax.models.mmdit.PRESETS plus runtime choices."""
+    return ml_collections.ConfigDict(dict(
+        preset=preset,
+        attention="cudnn",          # lens_jax.models.attention registry: xla | cudnn | einsum
+        remat_policy="full",        # lens_jax.models.remat registry
+        scan_layers=True,
+        dtype="bfloat16",           # compute dtype
+        param_dtype="float32",      # master weights
+    ))
+
+
+def text_encoder_config() -> ml_collections.ConfigDict:
+    """The frozen GPT-OSS encoder and its prompt template (LENS_SPEC §4)."""
+    return ml_collections.ConfigDict(dict(
+        preset="gpt_oss_20b",
+        checkpoint="",              # converted Orbax weights (tools/convert_checkpoint.py --kind=gpt_oss)
+        tokenizer="",               # local tokenizer directory or tokenizer.json
+        date="2026-05-23",          # Harmony template date, pinned for reproducible features
+        max_length=512,
+        txt_offset=97,              # -1: computed from the tokenizer
+        pad_id=199999,              # -1: the tokenizer's <|endoftext|>
+        dtype="bfloat16",
+    ))
+
+
+def vae_config() -> ml_collections.ConfigDict:
+    """The frozen FLUX.2 VAE (LENS_SPEC §3)."""
+    return ml_collections.ConfigDict(dict(
+        preset="flux2",
+        checkpoint="",              # converted Orbax weights (tools/convert_checkpoint.py --kind=flux2_vae)
+        dtype="bfloat16",
+    ))
+
+
+def optim_config(lr: float) -> ml_collections.ConfigDict:
+    """AdamW (0.9, 0.999) with global-norm clipping 1.0 and a constant LR (LENS_SPEC §6.1, §12.2)."""
+    return ml_collections.ConfigDict(dict(
+        lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0, warmup_steps=0,
+        schedule="constant",        # constant | cosine
+    ))
+
+
+def timestep_config() -> ml_collections.ConfigDict:
+    """Logit-normal sigma sampling; mu from the image-token count (LENS_SPEC §6.2)."""
+    return ml_collections.ConfigDict(dict(
+        mu=-1.0,                    # < 0: resolution rule mu(n) = mu_lo + (mu_hi - mu_lo)(n - n_lo)/(n_hi - n_lo)
+        mu_lo=1.0, mu_hi=1.3, n_lo=256, n_hi=4096,
+        std=1.0,
+    ))
+
+
+def sample_config(num_steps: int = 20, guidance: float = 5.0) -> ml_collections.ConfigDict:
+    """Sampler settings (LENS_SPEC §7): Euler, FLUX.2 empirical-mu shift, CFG with norm rescale."""
+    return ml_collections.ConfigDict(dict(
+        num_steps=num_steps, guidance=guidance, height=1024, width=1024, seed=0, negative_prompt="",
+        prompts=ml_collections.FieldReference("", field_type=str),   # ';'-separated, or use prompt_file
+        prompt_file="",
+        batch_size=4,
+    ))
+
+
+def validate_common(config: ml_collections.ConfigDict) -> None:
+    """Checks names and ranges shared by the DiT phases; raises ConfigError naming the option."""
+    m = config.model
+    try:
+        attention_lib.get_attention(m.attention)
+        remat_lib.check(m.remat_policy)
+    except ValueError as e:
+        raise ConfigError(f"config.model: {e}") from None
+    for key in ("dtype", "param_dtype"):
+        if m[key] not in DTYPES:
+            raise ConfigError(f"config.model.{key}={m[key]!r}; choose one of {DTYPES}")

@@ -1,0 +1,61 @@
+"""The single entry point: `python -m lens_jax.main --config=experiments/<phase>.py[:variant] --workdir=DIR`.
+
+The experiment file's `get_config(arg)` returns a locked ml_collections ConfigDict; `--config.a.b=v`
+overrides a value and an unknown key fails. `config.phase` picks what runs:
+
+  pretrain      DiT pretraining (flow matching), with periodic samples and evaluation
+  vae           train a small FLUX.2-architecture VAE (research scale) and its latent BN statistics
+  text_encoder  train a sentencepiece tokenizer and a small GPT-OSS-architecture LM on captions
+  sample        render prompts with a trained DiT
+  eval          synthetic GenEval (ShapesEval) of a trained DiT
+
+Without --config the embedded default is the tiny CPU pretraining run (experiments/pretrain.py:tiny).
+"""
+import importlib
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from lens_jax.configs.base import ConfigError
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DEFAULT_CONFIG = os.path.join(_REPO, "experiments", "pretrain.py") + ":tiny"
+
+PHASES = {
+    "pretrain": "lens_jax.phases.pretrain",
+    "vae": "lens_jax.phases.vae",
+    "text_encoder": "lens_jax.phases.text_encoder",
+    "sample": "lens_jax.phases.sample",
+    "eval": "lens_jax.phases.evaluate",
+}
+
+config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment file[:variant].", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where checkpoints, metrics, samples and evaluations are written.")
+
+
+def run(config, workdir: str):
+    """Runs `config.phase` in `workdir` (also callable from notebooks and tests)."""
+    if config.phase not in PHASES:
+        raise ValueError(f"unknown phase {config.phase!r}; choose one of {sorted(PHASES)}")
+    module = importlib.import_module(PHASES[config.phase])
+    os.makedirs(workdir, exist_ok=True)
+    return module.run(config, workdir)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = flags.FLAGS.config
+    workdir = flags.FLAGS.workdir or os.path.join("runs", f"{config.phase}_{config.get('name', 'run')}")
+    logging.set_verbosity(logging.INFO)
+    try:
+        run(config, workdir)
+    except (ConfigError, FileNotFoundError) as e:   # configuration and input errors: one clear line
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

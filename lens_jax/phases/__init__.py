@@ -1,0 +1,1 @@
+"""One module per `config.phase`; each exposes `run(config, workdir)` (see lens_jax/main.py)."""
