@@ -16,6 +16,10 @@ setup(
         "ml_dtypes>=0.5.0",
         "numpy>=1.26",
         "absl-py>=2.0",
+        "scipy>=1.11",
+        "pillow>=10",
+        "grain>=0.2.10",
+        "array-record>=0.5",
     ],
     extras_require={
         # Tokenizers for prompt encoding (local tokenizer.json / sentencepiece only; no hub access).

@@ -1,0 +1,1 @@
+"""Data pipelines for lens_jax (synthetic shapes world; see synthetic.py)."""

@@ -1,0 +1,1 @@
+"""Evaluation utilities for lens_jax (ShapesEval: see shapes_eval.py)."""
