@@ -5,6 +5,9 @@ training defaults here, and per-experiment deltas in `experiments/<phase>.py`.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 from lens_jax.models import attention as attention_lib
@@ -16,6 +19,17 @@ class ConfigError(ValueError):
 
 
 DTYPES = ("float32", "bfloat16")
+EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                               "experiments")
+
+
+def load_experiment(name: str, arg=None) -> ml_collections.ConfigDict:
+    """get_config(arg) of experiments/<name>.py, for experiment files that extend another one."""
+    path = os.path.join(EXPERIMENTS_DIR, f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_lens_experiment_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 def model_config(preset: str = "lens_3p8b") -> ml_collections.ConfigDict:
@@ -74,7 +88,7 @@ def sample_config(num_steps: int = 20, guidance: float = 5.0) -> ml_collections.
     """Sampler settings (LENS_SPEC §7): Euler, FLUX.2 empirical-mu shift, CFG with norm rescale."""
     return ml_collections.ConfigDict(dict(
         num_steps=num_steps, guidance=guidance, height=1024, width=1024, seed=0, negative_prompt="",
-        prompts=ml_collections.FieldReference("", field_type=str),   # ';'-separated, or use prompt_file
+        prompts="",                 # ';'-separated, or use prompt_file
         prompt_file="",
         batch_size=4,
     ))

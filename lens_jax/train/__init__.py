@@ -1,0 +1,1 @@
+"""Training machinery: mesh and sharding, train state, optimiser, step, checkpoints, metrics."""
