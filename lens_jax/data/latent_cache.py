@@ -1,0 +1,92 @@
+"""Research-scale training cache: shapes-world examples encoded once by the frozen VAE and text encoder.
+
+At research scale the encoders are far cheaper to run once than every step (LENS_SPEC §4.6), so the
+`pretrain` phase on the shapes world streams the examples through the Grain pipeline a single time,
+stores normalised packed latents and raw text-layer features in memory, and draws every training batch
+from the cache with an order that is a pure function of (seed, step) — so a resumed run sees exactly
+the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Tuple
+
+import numpy as np
+
+from lens_jax.models.mmdit import image_positions
+
+
+@dataclasses.dataclass
+class EncodedDataset:
+    """img [N, n, C] float32 tokens; txt [N, L, F] float32 features; mask [N, L] bool; grid (h, w)."""
+    img: np.ndarray
+    txt: np.ndarray
+    mask: np.ndarray
+    grid: Tuple[int, int]
+
+    def __post_init__(self):
+        self._pos = image_positions(*self.grid)
+
+    def __len__(self) -> int:
+        return self.img.shape[0]
+
+    def indices(self, step: int, batch_size: int, seed: int) -> np.ndarray:
+        """Example indices of global batch `step`: epoch-wise permutations seeded by (seed, epoch)."""
+        n = len(self)
+        start = step * batch_size
+        out = []
+        while len(out) < batch_size:
+            epoch, offset = divmod(start + len(out), n)
+            perm = np.random.default_rng([seed, epoch, 0xDA7A]).permutation(n)
+            out.extend(perm[offset:offset + batch_size - len(out)].tolist())
+        return np.asarray(out, np.int64)
+
+    def batch(self, step: int, batch_size: int, seed: int) -> Dict[str, np.ndarray]:
+        idx = self.indices(step, batch_size, seed)
+        return self._gather(idx)
+
+    def example_batch(self, batch_size: int) -> Dict[str, np.ndarray]:
+        return self._gather(np.arange(batch_size))
+
+    def _gather(self, idx) -> Dict[str, np.ndarray]:
+        return dict(img=self.img[idx], img_pos=np.broadcast_to(self._pos, (len(idx),) + self._pos.shape).copy(),
+                    txt=self.txt[idx], txt_mask=self.mask[idx])
+
+
+def encode_examples(images_and_captions, vae, encode_text: Callable, num_examples: int,
+                    max_text_tokens: int = 0, log: Callable[[str], None] = print) -> EncodedDataset:
+    """Encodes (images [b,H,W,3] in [-1,1], captions [b]) chunks until `num_examples` are cached."""
+    imgs, txts, masks = [], [], []
+    count = 0
+    for images, captions in images_and_captions:
+        take = min(len(captions), num_examples - count)
+        if take <= 0:
+            break
+        imgs.append(np.asarray(vae.encode_tokens(images[:take]), np.float32))
+        tf = encode_text([str(c) for c in captions[:take]])
+        txts.append(np.asarray(tf.features, np.float32))
+        masks.append(np.asarray(tf.mask, bool))
+        count += take
+        if len(imgs) % 8 == 0:
+            log(f"  encoded {count}/{num_examples}")
+    if count < num_examples:
+        raise ValueError(f"the data source ran out after {count} of {num_examples} examples")
+    mask = np.concatenate(masks)
+    longest = int(mask.sum(1).max())
+    length = longest if max_text_tokens <= 0 else min(longest, max_text_tokens)
+    txt = np.concatenate([t[:, :length] for t in txts])
+    mask = mask[:, :length]
+    img = np.concatenate(imgs)
+    side = int(round(np.sqrt(img.shape[1])))
+    return EncodedDataset(img=img, txt=txt, mask=mask, grid=(side, side))
+
+
+def build_shapes_cache(config, vae, encode_text: Callable, chunk: int = 256) -> EncodedDataset:
+    """Streams `config.data.num_examples` shapes-world examples through Grain and encodes them."""
+    from lens_jax.data.synthetic import ShapesWorldConfig, make_grain_dataset
+
+    world = ShapesWorldConfig(image_size=config.data.image_size, seed=config.seed)
+    ds = make_grain_dataset(world, config.data.num_examples, chunk, seed=config.seed, caption=config.data.caption,
+                            shuffle=False, num_epochs=1, drop_remainder=False)
+    stream = ((b["image"], b["caption"]) for b in ds)
+    return encode_examples(stream, vae, encode_text, config.data.num_examples, config.data.max_text_tokens)

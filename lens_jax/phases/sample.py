@@ -1,0 +1,105 @@
+"""The `sample` phase: render prompts with a trained (or converted) DiT.
+
+Prompts come from `config.sample.prompt_file` (one per line) or `config.sample.prompts` (';'-separated).
+The DiT comes from `config.sample.checkpoint`: a converted weights directory (tools/convert_checkpoint.py
+--kind=lens_dit) or a pretrain workdir; empty means this workdir's own `checkpoints/`.
+Writes DIR/samples/NNNN.png (one per prompt and seed) and DIR/samples/settings.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from lens_jax.configs.base import ConfigError
+
+
+def read_prompts(sample_cfg):
+    if sample_cfg.prompt_file:
+        if not os.path.exists(sample_cfg.prompt_file):
+            raise ConfigError(f"config.sample.prompt_file={sample_cfg.prompt_file!r} does not exist")
+        with open(sample_cfg.prompt_file) as f:
+            lines = f.read().splitlines()
+        while lines and not lines[-1].strip():   # a trailing newline is fine
+            lines.pop()
+        empty = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+        if empty:
+            raise ConfigError(f"{sample_cfg.prompt_file}: empty prompt on line(s) {empty}")
+        prompts = [line.strip() for line in lines]
+    else:
+        prompts = [p.strip() for p in sample_cfg.prompts.split(";")]
+        if any(not p for p in prompts):
+            raise ConfigError("config.sample.prompts has an empty prompt (check for ';;' or a trailing ';')")
+    if not prompts:
+        raise ConfigError("no prompts: set --config.sample.prompts='a;b' or --config.sample.prompt_file=FILE")
+    return prompts
+
+
+def check_size(height: int, width: int) -> None:
+    for name, v in (("height", height), ("width", width)):
+        if v <= 0 or v % 16:
+            raise ConfigError(f"config.sample.{name}={v} must be a positive multiple of 16")
+
+
+def load_dit_params(config, workdir: str, model):
+    """Parameters for `model` from config.sample.checkpoint (converted weights or a pretrain workdir)."""
+    import jax
+    from lens_jax.checkpoints import orbax_io
+    src = config.sample.checkpoint or workdir
+    if os.path.exists(os.path.join(src, orbax_io.META_FILE)):
+        from lens_jax.checkpoints.convert import load_converted
+        kind, cfg, variables = load_converted(src)
+        if kind != "lens_dit" or cfg != model.config:
+            raise ConfigError(f"{src} holds a {kind} checkpoint whose config does not match config.model.preset")
+        return jax.tree.map(lambda x: np.asarray(x, np.float32), variables["params"]), "converted"
+    from lens_jax.models.mmdit import dummy_inputs
+    from lens_jax.train import sharding as sharding_lib
+    from lens_jax.train.checkpoints import TrainCheckpointer
+    from lens_jax.train.optim import make_optimizer
+    from lens_jax.train.state import abstract_train_state
+    ckpt_dir = os.path.join(src, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise ConfigError(f"no DiT checkpoint: {src} has neither lens_jax.json nor checkpoints/; "
+                          "set --config.sample.checkpoint")
+    mesh = sharding_lib.make_mesh(config.mesh.shape)
+    optimizer, _ = make_optimizer(config.optim, config.num_steps)
+    use_ema = config.ema_decay > 0
+    abstract, _ = abstract_train_state(model, optimizer, dummy_inputs(model.config), mesh,
+                                       sharding_lib.validate_rules(config.sharding.rules), use_ema)
+    ckpt = TrainCheckpointer(ckpt_dir)
+    step = ckpt.latest_step()
+    if step is None:
+        raise ConfigError(f"no complete checkpoint in {ckpt_dir}")
+    state = ckpt.restore(step, abstract)
+    ckpt.close()
+    return (state["ema_params"] if use_ema else state["params"]), f"step {step}"
+
+
+def run(config, workdir: str):
+    from lens_jax.phases.pretrain import build_dit, load_encoders
+    from lens_jax.pipeline import LensPipeline
+    s = config.sample
+    prompts = read_prompts(s)
+    check_size(s.height, s.width)
+    vae, encode_text, hidden, n_layers = load_encoders(config)
+    model = build_dit(config, vae.token_channels, hidden, n_layers)
+    params, origin = load_dit_params(config, workdir, model)
+    pipeline = LensPipeline(model, params, encode_text, vae)
+    outdir = os.path.join(workdir, "samples")
+    os.makedirs(outdir, exist_ok=True)
+    images = pipeline.generate(prompts, s.height, s.width, s.num_steps, s.guidance, seed=s.seed,
+                               negative_prompt=s.negative_prompt, batch_size=s.batch_size)
+    records = []
+    for i, (p, im) in enumerate(zip(prompts, images)):
+        name = f"{i:04d}.png"
+        Image.fromarray(im).save(os.path.join(outdir, name))
+        records.append(dict(file=name, prompt=p, seed=s.seed, noise_index=i))
+    settings = dict(dit=origin, model=config.model.preset, height=s.height, width=s.width, num_steps=s.num_steps,
+                    guidance=s.guidance, negative_prompt=s.negative_prompt, images=records,
+                    note="image i uses noise key fold_in(PRNGKey(seed), i)")
+    with open(os.path.join(outdir, "settings.json"), "w") as f:
+        json.dump(settings, f, indent=2)
+    print(f"wrote {len(records)} images to {outdir}", flush=True)
+    return settings
