@@ -61,6 +61,7 @@ def get_config(arg=None):
         samples_per_prompt=4,
         num_steps=20,
         guidance=5.0,
+        mu=-1.0,                    # sigma-schedule shift; < 0 = FLUX.2 empirical mu
         seed=1234,
         batch_size=64,
     ))

@@ -70,10 +70,14 @@ class FrozenVAE:
         return self._decode(self.variables, jnp.asarray(tokens, jnp.float32), h, w)
 
 
-def load_text_encoder(directory: str, tokenizer: str = ""):
-    """(encode_fn(prompts) -> TextFeatures, feature_dim, num_layers) for a text-encoder directory."""
+def load_text_encoder(directory: str, tokenizer: str = "", trim_to: int = 0):
+    """(encode_fn(prompts) -> TextFeatures, feature_dim, num_layers) for a text-encoder directory.
+
+    With trim_to > 0 the text length L is the batch's longest prompt rounded up to a multiple of
+    trim_to (fewer encoder and DiT tokens; a few distinct shapes get compiled).
+    """
     from lens_jax.text.tiny_encoder import load_text_encoder as _load
-    encode_fn, _, _, enc_cfg = _load(directory, tokenizer) if tokenizer else _load(directory)
+    encode_fn, _, _, enc_cfg = _load(directory, tokenizer or None, trim_to=trim_to or None)
     return encode_fn, enc_cfg.hidden_size, len(enc_cfg.selected_layers)
 
 
@@ -96,16 +100,19 @@ class LensPipeline:
         self.model, self.params, self.encode_text, self.vae = model, params, encode_text, vae
 
     def generate(self, prompts: Sequence[str], height: int, width: int, num_steps: int, guidance: float,
-                 seed: int = 0, negative_prompt: str = "", batch_size: int = 16,
+                 seed: int = 0, negative_prompt: str = "", batch_size: int = 16, mu: Optional[float] = None,
                  progress: Optional[Callable[[int, int], None]] = None) -> np.ndarray:
-        """Returns uint8 images [len(prompts), height, width, 3]; sample i uses noise key fold_in(seed, i)."""
+        """Returns uint8 images [len(prompts), height, width, 3]; sample i uses noise key fold_in(seed, i).
+
+        mu: the sigma-schedule shift; None = FLUX.2's empirical mu for this token count and step count.
+        """
         from lens_jax.diffusion.sampler import euler_sample, make_model_fn
         from lens_jax.diffusion.schedules import sampling_sigmas
 
         if height % 16 or width % 16 or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive multiples of 16; got {height}x{width}")
         h, w = height // 16, width // 16
-        sigmas = jnp.asarray(sampling_sigmas(h * w, num_steps))
+        sigmas = jnp.asarray(sampling_sigmas(h * w, num_steps, mu))
         from lens_jax.models.mmdit import image_positions
         pos = jnp.asarray(image_positions(h, w))
         model_fn = make_model_fn(self.model, self.params)

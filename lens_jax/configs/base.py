@@ -54,6 +54,7 @@ def text_encoder_config() -> ml_collections.ConfigDict:
         max_length=512,
         txt_offset=97,              # -1: computed from the tokenizer
         pad_id=199999,              # -1: the tokenizer's <|endoftext|>
+        trim_to=64,                 # > 0: run the encoder only up to the batch's longest prompt, rounded up
         dtype="bfloat16",
     ))
 
@@ -88,6 +89,7 @@ def sample_config(num_steps: int = 20, guidance: float = 5.0) -> ml_collections.
     """Sampler settings (LENS_SPEC §7): Euler, FLUX.2 empirical-mu shift, CFG with norm rescale."""
     return ml_collections.ConfigDict(dict(
         num_steps=num_steps, guidance=guidance, height=1024, width=1024, seed=0, negative_prompt="",
+        mu=-1.0,                    # sigma-schedule shift; < 0 = FLUX.2 empirical mu (token count, steps)
         prompts="",                 # ';'-separated, or use prompt_file
         prompt_file="",
         batch_size=4,

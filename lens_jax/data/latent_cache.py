@@ -71,11 +71,15 @@ def encode_examples(images_and_captions, vae, encode_text: Callable, num_example
             log(f"  encoded {count}/{num_examples}")
     if count < num_examples:
         raise ValueError(f"the data source ran out after {count} of {num_examples} examples")
-    mask = np.concatenate(masks)
-    longest = int(mask.sum(1).max())
+    longest = max(int(m.sum(1).max()) for m in masks)
     length = longest if max_text_tokens <= 0 else min(longest, max_text_tokens)
-    txt = np.concatenate([t[:, :length] for t in txts])
-    mask = mask[:, :length]
+
+    def fit(a, n):   # chunks may have different text lengths: cut or zero-pad to n
+        a = a[:, :n]
+        return np.pad(a, [(0, 0), (0, n - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+
+    txt = np.concatenate([fit(t, length) for t in txts])
+    mask = np.concatenate([fit(m, length) for m in masks])
     img = np.concatenate(imgs)
     side = int(round(np.sqrt(img.shape[1])))
     return EncodedDataset(img=img, txt=txt, mask=mask, grid=(side, side))

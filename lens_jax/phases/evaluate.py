@@ -34,12 +34,12 @@ def evaluate_shapes(pipeline, config, outdir: str) -> dict:
 
     size = config.data.image_size
     images = pipeline.generate(texts, size, size, e.num_steps, e.guidance, seed=e.seed, batch_size=e.batch_size,
-                               progress=progress)
+                               mu=None if e.mu < 0 else e.mu, progress=progress)
     per_prompt = [list(images[i * k:(i + 1) * k]) for i in range(len(prompts))]
     result = evaluate(per_prompt, prompts)
     summary = {key: result[key] for key in ("overall", "tasks", "seen", "unseen", "seen_all", "partial",
                                             "num_images", "num_prompts")}
-    summary["settings"] = dict(num_steps=e.num_steps, guidance=e.guidance, samples_per_prompt=k, seed=e.seed,
+    summary["settings"] = dict(num_steps=e.num_steps, guidance=e.guidance, mu=e.mu, samples_per_prompt=k, seed=e.seed,
                                image_size=size, caption=config.data.caption, model=config.model.preset)
     summary["per_prompt"] = [dict(prompt=p["prompt"], tag=p["tag"], unseen=p["unseen"], accuracy=a)
                              for p, a in zip(prompts, result["per_prompt"])]

@@ -78,7 +78,7 @@ def load_encoders(config):
     vae = FrozenVAE(resolve_path(config.vae.checkpoint, "config.vae.checkpoint"))
     encode_text, hidden, n_layers = load_text_encoder(
         resolve_path(config.text_encoder.checkpoint, "config.text_encoder.checkpoint"),
-        config.text_encoder.tokenizer)
+        config.text_encoder.tokenizer, config.text_encoder.trim_to)
     return vae, encode_text, hidden, n_layers
 
 
@@ -90,7 +90,8 @@ def sample_grid(pipeline, config, params, path: str) -> None:
     pipeline.params = params
     n = 4
     imgs = pipeline.generate([p for p in prompts for _ in range(n)], config.sample.height, config.sample.width,
-                             config.sample.num_steps, config.sample.guidance, seed=config.sample.seed)
+                             config.sample.num_steps, config.sample.guidance, seed=config.sample.seed,
+                             mu=None if config.sample.mu < 0 else config.sample.mu)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_grid(list(imgs), path, ncol=n, scale=max(1, 256 // config.sample.width))
 

@@ -90,7 +90,8 @@ def run(config, workdir: str):
     outdir = os.path.join(workdir, "samples")
     os.makedirs(outdir, exist_ok=True)
     images = pipeline.generate(prompts, s.height, s.width, s.num_steps, s.guidance, seed=s.seed,
-                               negative_prompt=s.negative_prompt, batch_size=s.batch_size)
+                               negative_prompt=s.negative_prompt, batch_size=s.batch_size,
+                               mu=None if s.mu < 0 else s.mu)
     records = []
     for i, (p, im) in enumerate(zip(prompts, images)):
         name = f"{i:04d}.png"
