@@ -18,9 +18,7 @@ VARIANTS = ("stage1", "stage2", "tiny")
 
 
 def get_config(arg=None):
-    variant = arg or "stage1"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of experiments/pretrain.py; choose one of {VARIANTS}")
+    variant = base.parse_variant(arg, VARIANTS, "pretrain")
     c = ml_collections.ConfigDict()
     c.phase = "pretrain"
     c.name = variant

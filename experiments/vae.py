@@ -22,13 +22,7 @@ VARIANTS = ("tiny",)
 
 
 def parse_arg(arg):
-    """'tiny' (or '' / None -> 'tiny'); also accepts 'variant=tiny'. Raises ValueError on unknown names."""
-    variant = (arg or "tiny").strip()
-    if variant.startswith("variant="):
-        variant = variant[len("variant="):]
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown vae variant {variant!r}; valid variants: {list(VARIANTS)}")
-    return variant
+    return base.parse_variant(arg, VARIANTS, "vae")
 
 
 def get_config(arg=None):

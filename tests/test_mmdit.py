@@ -236,7 +236,7 @@ def test_unknown_names_fail_clearly():
         remat_lib.get_policy("sometimes")
     with pytest.raises(ValueError, match="unknown MMDiT preset"):
         mmdit_config("lens_9b")
-    with pytest.raises(ValueError, match="unknown MMDiT config fields"):
+    with pytest.raises(ValueError, match="unknown MMDiTConfig field"):
         mmdit_config("tiny", num_layer=3)
     with pytest.raises(ValueError, match="sum to head_dim"):
         mmdit_config("tiny", rope_axes=(4, 4, 4))

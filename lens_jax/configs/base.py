@@ -23,6 +23,20 @@ EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(o
                                "experiments")
 
 
+def parse_variant(arg, variants, experiment: str) -> str:
+    """The variant name of `experiments/<experiment>.py[:arg]`: '' / None -> variants[0]; 'variant=x' -> x.
+
+    Raises ValueError listing the valid variants.
+    """
+    variant = (arg or variants[0]).strip()
+    if variant.startswith("variant="):
+        variant = variant[len("variant="):]
+    if variant not in variants:
+        raise ValueError(f"unknown variant {variant!r} of experiments/{experiment}.py; "
+                         f"valid variants: {list(variants)}")
+    return variant
+
+
 def load_experiment(name: str, arg=None) -> ml_collections.ConfigDict:
     """get_config(arg) of experiments/<name>.py, for experiment files that extend another one."""
     path = os.path.join(EXPERIMENTS_DIR, f"{name}.py")

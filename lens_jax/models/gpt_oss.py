@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lens_jax.models.layers import Dense, RMSNorm, constrain, logical
+from lens_jax.models.presets import from_preset
 
 Dtype = Any
 
@@ -120,13 +121,7 @@ PRESETS = {
 
 def gpt_oss_config(name: str, **overrides) -> GptOssConfig:
     """Returns the preset `name` ('gpt_oss_20b' or 'tiny') with dataclass field overrides applied."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown GPT-OSS preset {name!r}; known presets: {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(GptOssConfig)}
-    bad = sorted(set(overrides) - fields)
-    if bad:
-        raise ValueError(f"unknown GptOssConfig field(s) {bad}; valid fields: {sorted(fields)}")
-    return dataclasses.replace(PRESETS[name], **overrides)
+    return from_preset("GPT-OSS", PRESETS, name, overrides)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from jax.ad_checkpoint import checkpoint_name
 from lens_jax.models import attention as attention_lib
 from lens_jax.models import remat as remat_lib
 from lens_jax.models.layers import Dense, RMSNorm, constrain
+from lens_jax.models.presets import from_preset
 
 Dtype = Any
 
@@ -94,15 +95,7 @@ PRESETS = {
 
 def mmdit_config(name: str = "lens_3p8b", **overrides) -> MMDiTConfig:
     """A preset by name, with optional field overrides; raises on unknown names or fields."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown MMDiT preset {name!r}; choose one of {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(MMDiTConfig)}
-    bad = sorted(set(overrides) - fields)
-    if bad:
-        raise ValueError(f"unknown MMDiT config fields {bad}; valid fields: {sorted(fields)}")
-    if "rope_axes" in overrides:
-        overrides["rope_axes"] = tuple(overrides["rope_axes"])
-    cfg = dataclasses.replace(PRESETS[name], **overrides)
+    cfg = from_preset("MMDiT", PRESETS, name, overrides)
     cfg.validate()
     return cfg
 

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from lens_jax.models.layers import Dense, logical
+from lens_jax.models.presets import from_preset
 
 Dtype = Any
 
@@ -112,13 +113,7 @@ PRESETS = {
 
 def vae_config(name: str = "flux2", **overrides) -> VAEConfig:
     """Returns preset `name` with `overrides` applied; raises ValueError on unknown names or fields."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown VAE preset {name!r}; known presets: {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(VAEConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown VAEConfig field(s) {unknown}; valid fields: {sorted(fields)}")
-    return dataclasses.replace(PRESETS[name], **overrides)
+    return from_preset("VAE", PRESETS, name, overrides)
 
 
 # ----------------------------------------------------------------------------------------------------
