@@ -20,19 +20,18 @@ setup(
         "pillow>=10",
         "grain>=0.2.10",
         "array-record>=0.5",
+        # Prompt tokenisation from local tokenizer files (never a hub download).
+        "transformers>=5.0",
+        "tokenizers>=0.21",
+        "sentencepiece>=0.2",
     ],
     extras_require={
-        # Tokenizers for prompt encoding (local tokenizer.json / sentencepiece only; no hub access).
-        "text": ["transformers>=5.0", "tokenizers>=0.21", "sentencepiece>=0.2"],
         # Everything the test suite needs, parity references included. torch==2.13.0 is the
         # CPU build available locally; a bare `torch` would pull a multi-GB CUDA wheel.
         "test": [
             "pytest>=8",
             "torch==2.13.0",
             "diffusers>=0.42",
-            "transformers>=5.0",
-            "tokenizers>=0.21",
-            "sentencepiece>=0.2",
             "safetensors>=0.5",
         ],
     },
