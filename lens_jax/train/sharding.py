@@ -83,6 +83,21 @@ def logical_shardings(abstract_boxed_tree, mesh, rules: Sequence[Rule]):
     return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
 
 
+def check_divisible(abstract_tree, shardings) -> None:
+    """Raises a ValueError naming every array whose sharded axes do not divide its shape."""
+    bad = []
+    flat = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
+    for (path, x), s in zip(flat, jax.tree.leaves(shardings)):
+        for dim, axes in zip(x.shape, s.spec):
+            names = () if axes is None else ((axes,) if isinstance(axes, str) else axes)
+            parts = int(np.prod([s.mesh.shape[a] for a in names])) if names else 1
+            if dim % parts:
+                bad.append(f"{jax.tree_util.keystr(path)} {tuple(x.shape)} spec {s.spec}: {dim} % {parts} != 0")
+    if bad:
+        raise ValueError("mesh does not divide these arrays (change config.mesh.shape or config.sharding.rules):\n  "
+                         + "\n  ".join(bad[:20]))
+
+
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -29,6 +29,7 @@ def abstract_train_state(model, optimizer, dummy_inputs, mesh, rules, use_ema: b
     init = _init_fn(model, optimizer, dummy_inputs, use_ema)
     boxed = jax.eval_shape(init, jax.random.key(0))
     shardings = sharding_lib.logical_shardings(boxed, mesh, rules)
+    sharding_lib.check_divisible(nn.meta.unbox(boxed), shardings)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                             nn.meta.unbox(boxed), shardings)
     return abstract, shardings
