@@ -335,6 +335,20 @@ class GptOssDecoderLayer(nn.Module):
         return constrain(x, ("act_batch", "act_seq", "act_embed"))
 
 
+def embed_tokens(module: nn.Module, config: GptOssConfig, input_ids: jax.Array, valid: jax.Array) -> jax.Array:
+    """Token embedding [B, S, hidden] in `module.dtype`, zero at padded positions.
+
+    Creates the `embedding` parameter [vocab, hidden] on `module` (call from a compact method), so the
+    encoder and the LM wrapper share one name, initialiser and logical axes.
+    """
+    emb = module.param("embedding", logical(nn.initializers.normal(0.02), ("vocab", "embed")),
+                       (config.vocab_size, config.hidden_size), module.param_dtype)
+    # Clip ids (jnp.take would fill out-of-range ids with NaN) and zero padded positions.
+    x = jnp.take(emb, jnp.clip(input_ids.astype(jnp.int32), 0, config.vocab_size - 1), axis=0)
+    x = jnp.where(valid[..., None], x, 0).astype(module.dtype)
+    return constrain(x, ("act_batch", "act_seq", "act_embed"))
+
+
 class GptOssEncoder(nn.Module):
     """Frozen GPT-OSS text encoder returning the concatenated pre-norm outputs of the selected layers.
 
@@ -358,12 +372,7 @@ class GptOssEncoder(nn.Module):
         cfg = self.config
         b, s = input_ids.shape
         valid = attention_mask.astype(bool)
-        emb = self.param("embedding", logical(nn.initializers.normal(0.02), ("vocab", "embed")),
-                         (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
-        # Clip ids (jnp.take would fill out-of-range ids with NaN) and zero padded positions.
-        x = jnp.take(emb, jnp.clip(input_ids.astype(jnp.int32), 0, cfg.vocab_size - 1), axis=0)
-        x = jnp.where(valid[..., None], x, 0).astype(self.dtype)
-        x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        x = embed_tokens(self, cfg, input_ids, valid)
         cos, sin = rope_cos_sin(cfg, s)
 
         feats = []

@@ -22,8 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lens_jax.models.gpt_oss import GptOssConfig, GptOssDecoderLayer, rope_cos_sin
-from lens_jax.models.layers import Dense, RMSNorm, constrain, logical
+from lens_jax.models.gpt_oss import GptOssConfig, GptOssDecoderLayer, embed_tokens, rope_cos_sin
+from lens_jax.models.layers import Dense, RMSNorm
 
 Dtype = Any
 
@@ -52,12 +52,7 @@ class GptOssLM(nn.Module):
         cfg = self.config
         s = input_ids.shape[1]
         valid = attention_mask.astype(bool)
-        # Same name / init / axes as GptOssEncoder's embedding, so the trees coincide.
-        emb = self.param("embedding", logical(nn.initializers.normal(0.02), ("vocab", "embed")),
-                         (cfg.vocab_size, cfg.hidden_size), self.param_dtype)
-        x = jnp.take(emb, jnp.clip(input_ids.astype(jnp.int32), 0, cfg.vocab_size - 1), axis=0)
-        x = jnp.where(valid[..., None], x, 0).astype(self.dtype)
-        x = constrain(x, ("act_batch", "act_seq", "act_embed"))
+        x = embed_tokens(self, cfg, input_ids, valid)   # same parameter as GptOssEncoder's
         cos, sin = rope_cos_sin(cfg, s)
         for i in range(cfg.num_layers):
             x = GptOssDecoderLayer(cfg, cfg.is_sliding(i), dtype=self.dtype, param_dtype=self.param_dtype,
