@@ -33,6 +33,9 @@ setup(
             "torch==2.13.0",
             "diffusers>=0.42",
             "safetensors>=0.5",
+            "pyarrow>=14",  # Parquet input of tools/build_shards.py (tests/test_build_shards.py)
         ],
+        # Parquet input for the shard builder (folder/JSONL, tar and shapes-world inputs need nothing extra).
+        "data": ["pyarrow>=14"],
     },
 )
