@@ -182,3 +182,35 @@ def test_save_grid(tmp_path):
     loaded = np.asarray(Image.open(path))
     np.testing.assert_array_equal(loaded, grid)
     np.testing.assert_array_equal(grid[2:66, 2:66], imgs[0])
+
+
+def _one_object_image(shape="circle", color="red", background="white", row=1, col=1):
+    cfg = ShapesWorldConfig()
+    obj = place_object(shape, color, "large", row, col, np.random.default_rng(0), cfg)
+    return render(Scene(objects=[obj], background=background, image_size=64))
+
+
+def test_integrity_gate_rejects_clutter_but_not_clean_images(prompts, gt_images):
+    meta = se.make_prompt("single_object", [{"class": "circle", "count": 1}])
+    clean = _one_object_image()
+    dets, integ = se.analyze_image(clean)
+    assert integ == {"spurious": 0, "clutter_frac": 0.0, "clean": True}
+    # The same circle plus a smear and specks: GenEval's rules still find "a circle", the gate does not.
+    cluttered = clean.copy()
+    cluttered[50:53, 4:40] = COLORS["green"]                       # a bar: a spurious, unknown component
+    for y, x in ((5, 5), (5, 58), (58, 58), (20, 56)):             # specks below the detection area
+        cluttered[y:y + 3, x:x + 3] = COLORS["blue"]
+    dets, integ = se.analyze_image(cluttered)
+    assert integ["spurious"] == 1 and integ["clutter_frac"] > se.MAX_CLUTTER_FRAC and not integ["clean"]
+    assert se.score_detections(dets, meta)[0]                       # rules alone pass
+    res = se.evaluate([[cluttered]], [meta])
+    assert res["overall"] == 0.0 and res["overall_rules_only"] == 1.0 and res["integrity"] == 0.0
+    assert se.evaluate([[cluttered]], [meta], integrity=False)["overall"] == 1.0
+    # Off-palette paint near nothing recognised is clutter too (here: a mid-grey square on white).
+    grey = clean.copy()
+    grey[2:12, 2:12] = (128, 128, 128)
+    assert not se.analyze_image(grey)[1]["clean"]
+    # Ground truth (blurred and noisy as well) passes the gate.
+    rng = np.random.default_rng(5)
+    res = se.evaluate([[_perturb(im, rng, 1.3, 12.0) for im in ims] for ims in gt_images], prompts)
+    assert res["integrity"] >= 0.99 and res["overall"] >= 0.98 and res["overall"] == res["overall_rules_only"]

@@ -6,6 +6,7 @@ DIR/checkpoints (written by the pretrain phase with the same model settings), re
   DIR/eval/synthetic_geneval.json   overall, per-task, seen/unseen scores and the settings
   DIR/eval/samples.png              a grid of the first samples (one row per prompt)
   DIR/eval/prompts.txt              the prompts of the grid rows, in order
+  DIR/eval/images.npz               every rendered image (uint8) and the prompts, for offline re-scoring
 """
 from __future__ import annotations
 
@@ -36,15 +37,20 @@ def evaluate_shapes(pipeline, config, outdir: str) -> dict:
     images = pipeline.generate(texts, size, size, e.num_steps, e.guidance, seed=e.seed, batch_size=e.batch_size,
                                mu=None if e.mu < 0 else e.mu, progress=progress)
     per_prompt = [list(images[i * k:(i + 1) * k]) for i in range(len(prompts))]
-    result = evaluate(per_prompt, prompts)
-    summary = {key: result[key] for key in ("overall", "tasks", "seen", "unseen", "seen_all", "partial",
+    result = evaluate(per_prompt, prompts, integrity=e.integrity)
+    summary = {key: result[key] for key in ("overall", "tasks", "overall_rules_only", "tasks_rules_only",
+                                            "integrity", "clutter", "seen", "unseen", "seen_all", "partial",
                                             "num_images", "num_prompts")}
     summary["settings"] = dict(num_steps=e.num_steps, guidance=e.guidance, mu=e.mu, samples_per_prompt=k, seed=e.seed,
-                               image_size=size, caption=config.data.caption, model=config.model.preset)
+                               image_size=size, caption=config.data.caption, model=config.model.preset,
+                               integrity_gate=bool(e.integrity))
     summary["per_prompt"] = [dict(prompt=p["prompt"], tag=p["tag"], unseen=p["unseen"], accuracy=a)
                              for p, a in zip(prompts, result["per_prompt"])]
     with open(os.path.join(outdir, "synthetic_geneval.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    # Every rendered image, so a run can be re-scored offline (images[i] belongs to prompts[i // k]).
+    np.savez_compressed(os.path.join(outdir, "images.npz"), images=images, samples_per_prompt=k,
+                        prompts=np.array([json.dumps(p) for p in prompts]))
     # One row per prompt (its k samples), for a spread of tasks: every n-th prompt, at most 24 rows.
     rows = list(range(0, len(prompts), max(1, len(prompts) // 24)))[:24]
     save_grid([im for r in rows for im in per_prompt[r]], os.path.join(outdir, "samples.png"), ncol=k,
@@ -53,6 +59,7 @@ def evaluate_shapes(pipeline, config, outdir: str) -> dict:
         f.write("\n".join(prompts[r]["prompt"] for r in rows) + "\n")
     tasks = " ".join(f"{t}={v:.3f}" for t, v in result["tasks"].items())
     print(f"synthetic GenEval overall={result['overall']:.3f} ({tasks}) unseen={result['unseen']:.3f} "
+          f"integrity={result['integrity']:.3f} rules-only={result['overall_rules_only']:.3f} "
           f"in {time.time() - t0:.0f}s -> {outdir}", flush=True)
     return summary
 
