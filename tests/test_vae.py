@@ -80,9 +80,9 @@ def test_tiny_init_and_shapes_logical_axes():
     assert specs["params"]["encoder"]["conv_in"]["kernel"] == jax.P("conv_h", "conv_w", "conv_in", "conv_out")
     assert specs["params"]["encoder"]["conv_norm_out"]["scale"] == jax.P("norm")
     variables = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), x))
-    np.testing.assert_array_equal(variables["latent_stats"]["mean"], np.zeros(32))
-    np.testing.assert_array_equal(variables["latent_stats"]["var"], np.ones(32))
-    assert cfg.downsample_factor == 8 and cfg.packed_channels == 32
+    np.testing.assert_array_equal(variables["latent_stats"]["mean"], np.zeros(64))
+    np.testing.assert_array_equal(variables["latent_stats"]["var"], np.ones(64))
+    assert cfg.downsample_factor == 8 and cfg.packed_channels == 64
 
     @jax.jit
     def run(variables, x):
@@ -98,9 +98,9 @@ def test_tiny_init_and_shapes_logical_axes():
         return mean, logvar, z, y, tokens, img, y16
 
     mean, logvar, z, y, tokens, img, y16 = run(variables, x)
-    assert mean.shape == logvar.shape == z.shape == (1, 2, 2, 8)
+    assert mean.shape == logvar.shape == z.shape == (1, 2, 2, 16)
     assert y.shape == img.shape == (1, 16, 16, 3)
-    assert tokens.shape == (1, 1, 32)
+    assert tokens.shape == (1, 1, 64)
     assert y16.dtype == jnp.bfloat16 and float(jnp.max(jnp.abs(y16))) <= 1.0
 
 

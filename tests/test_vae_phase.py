@@ -86,6 +86,7 @@ def test_recipe_runs_at_micro_scale(tmp_path):
     config.num_png_images = 2
     config.data.num_examples = 8
     config.data.eval_examples = 2
+    config.ceiling_prompts_per_task = 1
     summary = main.run(config, str(tmp_path))
 
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -101,3 +102,7 @@ def test_recipe_runs_at_micro_scale(tmp_path):
     var = np.asarray(variables["latent_stats"]["var"])
     assert var.shape == (cfg.packed_channels,) and np.all(np.isfinite(var)) and np.all(var >= 0)
     assert summary["latent_stats"]["num_images"] == 4
+    ceiling = summary["shapes_eval_ceiling"]   # 3 untrained steps: a real score, but a poor one
+    assert ceiling["num_images"] == 6 and set(ceiling["tasks"]) == {
+        "single_object", "two_object", "counting", "colors", "position", "color_attr"}
+    assert 0.0 <= ceiling["overall"] < 0.5

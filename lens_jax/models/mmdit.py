@@ -84,10 +84,10 @@ PRESETS = {
     # Small configurations for CPU tests and the research loop.
     "small": MMDiTConfig(num_layers=6, num_heads=6, head_dim=32, mlp_dim=512, rope_axes=(4, 14, 14),
                          text_dim=256, timestep_dim=128),
-    # The CPU research loop (experiments/pretrain.py:tiny): matches the shipped tiny VAE (8 latent channels
-    # -> 32 packed) and tiny text encoder (4 layers x 96).
+    # The CPU research loop (experiments/pretrain.py:tiny): matches the shipped tiny VAE (16 latent channels
+    # -> 64 packed) and tiny text encoder (4 layers x 96).
     "shapes_tiny": MMDiTConfig(num_layers=4, num_heads=4, head_dim=32, mlp_dim=341, rope_axes=(8, 12, 12),
-                               in_channels=32, out_channels=32, text_dim=96, timestep_dim=128),
+                               in_channels=64, out_channels=64, text_dim=96, timestep_dim=128),
     "tiny": MMDiTConfig(num_layers=2, num_heads=2, head_dim=16, mlp_dim=85, rope_axes=(4, 6, 6),
                         text_dim=24, timestep_dim=32),
 }

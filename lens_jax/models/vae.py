@@ -107,7 +107,7 @@ PRESETS = {
     "flux2": VAEConfig(),
     # Same 8x downsampling as FLUX.2 (so image/token shapes match), ~0.1 M parameters.
     "tiny": VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
-                      latent_channels=8),
+                      latent_channels=16),
 }
 
 

@@ -265,6 +265,25 @@ def comparison_grid(originals: np.ndarray, recons: np.ndarray, gap: int = 2) -> 
 # The phase
 
 
+def shapes_eval_ceiling(scfg: synthetic.ShapesWorldConfig, reconstruct_fn, batch_size: int,
+                        prompts_per_task: int, seed: int = 0) -> Dict[str, Any]:
+    """ShapesEval of VAE-reconstructed ground-truth renders of the evaluation prompts (random backgrounds).
+
+    reconstruct_fn: float32 images [b, H, W, 3] in [-1, 1] -> reconstructions, same shape. Returns
+    {} when prompts_per_task <= 0, else {'overall', 'tasks', 'integrity', 'num_images'}.
+    """
+    if prompts_per_task <= 0:
+        return {}
+    from lens_jax.eval import shapes_eval
+    prompts = shapes_eval.make_eval_prompts(scfg, seed=seed, per_task=prompts_per_task)
+    rng = np.random.default_rng([seed, 0xCE11])
+    gt = np.stack([shapes_eval.render_prompt_ground_truth(p, rng, scfg, background="random") for p in prompts])
+    x = gt.astype(np.float32) / 127.5 - 1.0
+    recon = np.concatenate([reconstruct_fn(b) for b in batched(x, batch_size)])
+    res = shapes_eval.evaluate([[r] for r in recon], prompts)
+    return dict(overall=res["overall"], tasks=res["tasks"], integrity=res["integrity"], num_images=len(prompts))
+
+
 def _one_device_mesh():
     return jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
 
@@ -382,6 +401,14 @@ def run(config, workdir: str) -> Dict[str, Any]:
           f"(per channel |mean| <= {norm_check['max_abs_channel_mean']:.3f}, std in "
           f"[{norm_check['min_channel_std']:.3f}, {norm_check['max_channel_std']:.3f}])", flush=True)
 
+    # ShapesEval ceiling: ground-truth renders of the evaluation prompts, reconstructed by this VAE and
+    # scored like generated samples. No DiT using this VAE can score higher on ShapesEval.
+    ceiling = shapes_eval_ceiling(scfg, lambda x: np.asarray(jax.device_get(reconstruct(params, put(x)))), ebs,
+                                  int(config.ceiling_prompts_per_task))
+    if ceiling:
+        print(f"[vae] ShapesEval ceiling (reconstructed ground truth): overall {ceiling['overall']:.3f} ("
+              + " ".join(f"{t}={v:.3f}" for t, v in ceiling["tasks"].items()) + ")", flush=True)
+
     # Outputs.
     k = min(int(config.num_png_images), len(heldout))
     write_png(os.path.join(workdir, PNG_FILE), comparison_grid(heldout[:k], recons[:k]))
@@ -393,6 +420,7 @@ def run(config, workdir: str) -> Dict[str, Any]:
         heldout=dict(num_images=len(heldout), first_index=num_examples, psnr_db=float(per_image_psnr.mean()),
                      psnr_db_min=float(per_image_psnr.min()), psnr_of_mean_mse_db=float(-10 * np.log10(mse)),
                      normalized_latents=norm_check),
+        shapes_eval_ceiling=ceiling,
         latent_stats=dict(num_images=int(config.stats_examples), num_positions=int(n_pos),
                           mean_min=float(mean.min()), mean_max=float(mean.max()), mean_abs_mean=float(np.abs(mean).mean()),
                           var_min=float(var.min()), var_max=float(var.max()), var_mean=float(var.mean())),
