@@ -39,8 +39,14 @@ def run(config, workdir: str):
     """Runs `config.phase` in `workdir` (also callable from notebooks and tests)."""
     if config.phase not in PHASES:
         raise ValueError(f"unknown phase {config.phase!r}; choose one of {sorted(PHASES)}")
-    module = importlib.import_module(PHASES[config.phase])
     os.makedirs(workdir, exist_ok=True)
+    if config.get("compile_only", False):
+        # Memory planning: compile the full-scale step on fake CPU devices and report (lens_jax/train/compile_only.py).
+        if config.phase != "pretrain":
+            raise ConfigError(f"config.compile_only is supported for phase 'pretrain', not {config.phase!r}")
+        from lens_jax.train import compile_only
+        return compile_only.run(config, workdir)
+    module = importlib.import_module(PHASES[config.phase])
     return module.run(config, workdir)
 
 
@@ -50,6 +56,11 @@ def main(argv):
     config = flags.FLAGS.config
     workdir = flags.FLAGS.workdir or os.path.join("runs", f"{config.phase}_{config.get('name', 'run')}")
     logging.set_verbosity(logging.INFO)
+    if config.get("compile_only", False):
+        # Before anything starts the JAX backend: N fake CPU devices (as XLA_FLAGS=--xla_force_host_platform_device_count=N).
+        from lens_jax.train.compile_only import setup_fake_devices
+        if int(config.get("compile_only_devices", 8)) > 0:     # 0: this machine's own devices
+            setup_fake_devices(int(config.compile_only_devices))
     try:
         run(config, workdir)
     except (ConfigError, FileNotFoundError) as e:   # configuration and input errors: one clear line

@@ -1,0 +1,288 @@
+"""Compile-only memory planning (JAX_STYLE rule 7): lower and compile the full-scale train step for a mesh of
+fake CPU devices, without data or any allocation, and report per-device memory and FLOPs.
+
+    python -m lens_jax.main --config=experiments/pretrain.py --config.compile_only=True \
+        --config.compile_only_devices=64 --config.mesh.shape='(-1,8,1)' --workdir=runs/plan
+    python -m lens_jax.main --config=experiments/pretrain.py:stage2 --config.compile_only=True
+    python tools/compile_only.py --devices=8,64 --variants=stage1,stage2      # several configs, one table
+
+`compile_only_devices=0` compiles for the machine's real devices instead (e.g. one GPU, mesh (1, 1, 1), cuDNN
+attention kept), to check the CPU estimate of activation memory against the GPU compiler.
+
+The device count: JAX must see `compile_only_devices` CPU devices, and that can only be set before its backend
+starts. `lens_jax.main` therefore calls `setup_fake_devices` first thing when `--config.compile_only=True`
+(it sets `jax_platforms=cpu` and `jax_num_cpu_devices`, the in-process equivalent of
+XLA_FLAGS=--xla_force_host_platform_device_count=N); if something already started the backend with another
+count it raises and says so. `tools/compile_only.py` runs every configuration in its own process.
+
+What is compiled: the real `make_train_step` (the config's preset, remat policy, dtypes, optimiser, EMA,
+grad_accum_steps, online encoding) jitted with the state's and batches' shardings and `donate_argnums=(0,)`,
+on abstract inputs (`abstract_train_state` and ShapeDtypeStructs):
+  * stage 1 (`data.buckets=''`): one micro-batch of per_device_batch[0] x data-parallel images of
+    (resolution/16)^2 tokens;
+  * stage 2 (`'lens27'`): one micro-batch per base area (24/10/6 per device) padded to the area's largest
+    bucket (1064, 2400, 4232 tokens) with an image mask, accumulated in one step;
+  * text: `compile_only_text_len` tokens, default text_encoder.max_length - txt_offset = 512 - 97 = 415, of
+    4 x 2880 = 11520 features (in the model's compute dtype).
+
+CPU caveats (printed with the figures): XLA:CPU has no cuDNN flash attention, so the 'cudnn' kernel is
+replaced by 'xla', which materialises the [B, heads, T, T] score matrix; the CPU compiler's buffer
+assignment, fusion and bf16 handling differ from the GPU compiler's. The parameter / optimiser / EMA bytes
+per device are exact (shard shapes); activation (temp) memory is an estimate of what a GPU needs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, List, Optional
+
+GIB = 1024 ** 3
+GPU_BYTES = 80e9          # an "80 GB" A100/H100 (74.5 GiB), the conservative budget
+
+
+def setup_fake_devices(num_devices: int) -> None:
+    """Makes JAX use `num_devices` fake CPU devices. Must run before anything starts the JAX backend."""
+    import jax
+    from jax._src import xla_bridge
+    if xla_bridge.backends_are_initialized():
+        if jax.default_backend() == "cpu" and len(jax.devices()) >= num_devices:
+            return
+        raise RuntimeError(
+            f"compile_only needs {num_devices} CPU devices but JAX already started with "
+            f"{len(jax.devices())} {jax.default_backend()} device(s); start a fresh process "
+            f"(python -m lens_jax.main ... --config.compile_only=True, or tools/compile_only.py) or set "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} JAX_PLATFORMS=cpu before Python starts")
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", int(num_devices))
+
+
+def forward_flops(cfg, batch: int, n_img: int, n_txt: int) -> float:
+    """Matmul FLOPs of one DiT forward (2 per multiply-add; as tools/bench_dit.py)."""
+    d, f, n_layers = cfg.hidden, cfg.mlp_dim, cfg.num_layers
+    t = n_img + n_txt
+    linear = n_layers * t * 2 * (d * 3 * d + d * d + 3 * d * f)
+    attention = n_layers * 2 * 2 * t * t * d
+    modulation = n_layers * 2 * 2 * d * 6 * d + 2 * (cfg.timestep_dim * d + d * d) + 2 * d * 2 * d
+    embed = 2 * n_img * cfg.in_channels * d + 2 * n_txt * cfg.num_text_layers * cfg.text_dim * d \
+        + 2 * n_img * d * cfg.out_channels
+    return float(batch * (linear + attention + modulation + embed))
+
+
+def micro_batch_shapes(config, dp: int) -> List[Dict[str, Any]]:
+    """[{per_device, global, tokens, height, width, padded}] per micro-batch of one step."""
+    from lens_jax.data.buckets import bucket_table
+    d = config.data
+    table = bucket_table(d.buckets, d.resolution)
+    per_device = tuple(d.per_device_batch)
+    if len(per_device) < table.num_areas:
+        raise ValueError(f"config.data.per_device_batch={per_device} has fewer entries than the "
+                         f"{table.num_areas} base areas of buckets={d.buckets!r}")
+    out = []
+    for a in range(table.num_areas):
+        n = table.max_tokens(a)
+        w, h = max(table.buckets[a], key=lambda wh: (wh[0] // 16) * (wh[1] // 16))
+        out.append(dict(area=table.sides[a], per_device=per_device[a], global_batch=per_device[a] * dp,
+                        tokens=n, width=w, height=h, padded=len(table.buckets[a]) > 1))
+    return out
+
+
+def _text_len(config) -> int:
+    n = int(config.get("compile_only_text_len", 0) or 0)
+    if n > 0:
+        return n
+    te = config.text_encoder
+    offset = te.txt_offset if te.txt_offset >= 0 else 97
+    return int(te.max_length) - int(offset)
+
+
+def run(config, workdir: Optional[str] = None, log=print) -> Dict[str, Any]:
+    """Lowers and compiles the config's train step on fake devices; prints and returns the figures."""
+    n_dev = int(config.get("compile_only_devices", 8))
+    if n_dev > 0:
+        setup_fake_devices(n_dev)
+
+    import jax
+    import jax.numpy as jnp
+
+    from lens_jax.models import attention as attention_lib
+    from lens_jax.models.mmdit import MMDiT, dummy_inputs, mmdit_config
+    from lens_jax.train import sharding as sharding_lib
+    from lens_jax.train.optim import make_optimizer
+    from lens_jax.train.state import abstract_train_state, state_bytes_per_device
+    from lens_jax.train.step import jit_train_step, make_train_step
+
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    devices = jax.devices()
+    if n_dev <= 0:                     # compile_only_devices=0: this machine's own devices (e.g. one GPU)
+        n_dev = len(devices)
+    if len(devices) < n_dev:
+        raise RuntimeError(f"compile_only_devices={n_dev} but JAX sees {len(devices)} devices")
+    devices = devices[:n_dev]
+    sharding_lib.validate_parallel_config(config)
+    mesh = sharding_lib.mesh_from_config(config, devices, simulate_granules=True)
+    rules = sharding_lib.validate_rules(config.sharding.rules)
+    m = config.model
+    attention = m.attention
+    notes = []
+    if attention == "cudnn" and jax.default_backend() != "gpu":
+        attention = "xla"
+        notes.append("attention 'cudnn' -> 'xla' on CPU: the [B, heads, T, T] scores are materialised "
+                     "(cuDNN flash attention on GPU keeps them in SRAM)")
+    attention_lib.get_attention(attention)
+    cfg = mmdit_config(m.preset)
+    dtype, param_dtype = dtypes[m.dtype], dtypes[m.param_dtype]
+    model = MMDiT(cfg, attention=attention, remat_policy=m.remat_policy, scan_layers=m.scan_layers,
+                  dtype=dtype, param_dtype=param_dtype)
+    optimizer, schedule = make_optimizer(config.optim, config.num_steps)
+    use_ema = config.ema_decay > 0
+
+    t0 = time.time()
+    abstract, shardings = abstract_train_state(model, optimizer, dummy_inputs(cfg), mesh, rules, use_ema)
+    dp = sharding_lib.data_parallel_size(mesh)
+    shapes = micro_batch_shapes(config, dp)
+    s_txt = _text_len(config)
+    feat = cfg.num_text_layers * cfg.text_dim
+    online = config.data.get("features", "cached") == "online"
+    k_accum = int(config.get("grad_accum_steps", 1))
+
+    def sds(shape, dt, s):
+        return jax.ShapeDtypeStruct(shape, dt, sharding=s)
+
+    def bsh(ndim):
+        return sharding_lib.batch_sharding(mesh, ndim)
+
+    batches = []
+    for sh in shapes:
+        b, n = sh["global_batch"], sh["tokens"]
+        if online:
+            pix = jnp.uint8 if config.data.get("pixel_dtype", "float32") == "uint8" else jnp.float32
+            mb = dict(pixels=sds((b, sh["height"], sh["width"], 3), pix, bsh(4)),
+                      input_ids=sds((b, s_txt + _offset(config)), jnp.int32, bsh(2)),
+                      attention_mask=sds((b, s_txt + _offset(config)), jnp.bool_, bsh(2)))
+        else:
+            mb = dict(img=sds((b, n, cfg.in_channels), jnp.float32, bsh(3)),
+                      img_pos=sds((b, n, 3), jnp.int32, bsh(3)),
+                      txt=sds((b, s_txt, feat), dtype, bsh(3)), txt_mask=sds((b, s_txt), jnp.bool_, bsh(2)))
+            if sh["padded"]:
+                mb["img_mask"] = sds((b, n), jnp.bool_, bsh(2))
+        batches.append(mb)
+    batch_arg = batches[0] if len(batches) == 1 else tuple(batches)
+    if len(batches) > 1 and k_accum > 1:
+        raise ValueError("grad_accum_steps > 1 with several base areas: the areas are already micro-batches")
+
+    encode_fn, enc_abstract, enc_sh = None, None, None
+    if online:
+        encode_fn, enc_abstract, enc_sh = _online_encoders(config, mesh, shapes[0], s_txt)
+    mu_rule = dict(mu_lo=config.timestep.mu_lo, mu_hi=config.timestep.mu_hi, n_lo=config.timestep.n_lo,
+                   n_hi=config.timestep.n_hi)
+    step = make_train_step(model, optimizer, schedule, mu=config.timestep.mu, mu_rule=mu_rule,
+                           sigma_std=config.timestep.std, caption_dropout=config.data.caption_dropout,
+                           ema_decay=config.ema_decay, rules=rules, grad_accum_steps=k_accum, encode_fn=encode_fn)
+    args = (abstract, batch_arg) + ((enc_abstract,) if online else ())
+    with jax.set_mesh(mesh):
+        jitted = jit_train_step(step, mesh, shardings, sharding_lib.batch_shardings(mesh, batch_arg), enc_sh)
+        lowered = jitted.lower(*args)
+        t_lower = time.time() - t0
+        t1 = time.time()
+        compiled = lowered.compile()
+        t_compile = time.time() - t1
+
+    mem = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes", "host_temp_size_in_bytes")
+    ma = {f: int(getattr(mem, f, 0) or 0) for f in fields} if mem is not None else {}
+    total = (ma.get("argument_size_in_bytes", 0) + ma.get("output_size_in_bytes", 0)
+             - ma.get("alias_size_in_bytes", 0) + ma.get("temp_size_in_bytes", 0)
+             + ma.get("generated_code_size_in_bytes", 0))
+    xla_flops = None
+    try:
+        ca = compiled.cost_analysis()
+        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+        xla_flops = float(ca.get("flops")) if ca and ca.get("flops") is not None else None
+    except Exception:  # backend-dependent
+        pass
+    remat_factor = 4.0 if m.remat_policy == "full" else 3.0
+    # per_device_batch is per data-parallel rank: with tensor > 1 the tensor group shares those examples.
+    fwd = sum(forward_flops(cfg, sh["per_device"], sh["tokens"], s_txt) for sh in shapes)
+    state_bytes = state_bytes_per_device(abstract)
+    batch_bytes = sharding_lib.shard_bytes(jax.tree.leaves(batch_arg), [x.sharding for x in jax.tree.leaves(batch_arg)])
+    report = dict(
+        experiment=config.get("name", ""), preset=m.preset, devices=n_dev, mesh=dict(mesh.shape),
+        remat_policy=m.remat_policy, attention=attention, dtype=m.dtype, param_dtype=m.param_dtype,
+        ema=use_ema, grad_accum_steps=k_accum, features="online" if online else "cached",
+        micro_batches=[dict(area=s["area"], per_device=s["per_device"], global_batch=s["global_batch"],
+                            image_tokens=s["tokens"], text_tokens=s_txt) for s in shapes],
+        params_gib=state_bytes.get("params", 0) / GIB, opt_state_gib=state_bytes.get("opt_state", 0) / GIB,
+        ema_gib=state_bytes.get("ema_params", 0) / GIB, batch_gib=batch_bytes / GIB,
+        memory_analysis={k: v / GIB for k, v in ma.items()}, total_gib=total / GIB,
+        fits_80gb=bool(total <= GPU_BYTES),
+        tflop_per_device_step=fwd * remat_factor * dp / n_dev / 1e12, tflop_global_step=fwd * remat_factor * dp / 1e12,
+        xla_tflop=None if xla_flops is None else xla_flops / 1e12,
+        lower_s=round(t_lower, 1), compile_s=round(t_compile, 1), backend=jax.default_backend(),
+        jax_version=jax.__version__, notes=notes)
+    log(format_report(report))
+    if workdir:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "compile_only.json"), "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def _offset(config) -> int:
+    te = config.text_encoder
+    return int(te.txt_offset if te.txt_offset >= 0 else 97)
+
+
+def _online_encoders(config, mesh, shape, s_txt):
+    """(encode_fn, abstract encoder variables, their shardings) for data.features='online'."""
+    import jax
+    import jax.numpy as jnp
+
+    from lens_jax.models.gpt_oss import GptOssEncoder, gpt_oss_config
+    from lens_jax.models.vae import FluxVAE, vae_config
+    from lens_jax.train import sharding as sharding_lib
+    from lens_jax.train.state import abstract_frozen_variables
+    from lens_jax.train.step import make_online_encoder
+
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    vae = FluxVAE(vae_config(config.vae.preset), dtype=dtypes[config.vae.dtype])
+    te = GptOssEncoder(gpt_oss_config(config.text_encoder.preset), dtype=dtypes[config.text_encoder.dtype],
+                       param_dtype=dtypes[config.text_encoder.dtype])
+    length = s_txt + _offset(config)
+    px = jax.ShapeDtypeStruct((1, shape["height"], shape["width"], 3), jnp.float32)
+    ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    msk = jax.ShapeDtypeStruct((1, length), jnp.bool_)
+    vae_rules = sharding_lib.validate_rules(config.sharding.vae_rules)
+    te_rules = sharding_lib.validate_rules(config.sharding.text_encoder_rules)
+    a_vae, s_vae = abstract_frozen_variables(vae, (px,), mesh, vae_rules)
+    a_te, s_te = abstract_frozen_variables(te, (ids, msk), mesh, te_rules, dtype=dtypes[config.text_encoder.dtype])
+    encode_fn = make_online_encoder(vae, te, txt_offset=_offset(config), vae_rules=vae_rules, text_rules=te_rules,
+                                    feature_dtype=dtypes[config.model.dtype])
+    return encode_fn, dict(vae=a_vae, text_encoder=a_te), dict(vae=s_vae, text_encoder=s_te)
+
+
+def format_report(r: Dict[str, Any]) -> str:
+    ma = r["memory_analysis"]
+    mb = ", ".join(f"{x['per_device']}x({x['image_tokens']}+{x['text_tokens']} tok)" for x in r["micro_batches"])
+    lines = [
+        f"compile_only: {r['experiment']} preset {r['preset']} on {r['devices']} fake {r['backend']} devices, "
+        f"mesh {r['mesh']}, remat {r['remat_policy']}, attention {r['attention']}, {r['dtype']} compute / "
+        f"{r['param_dtype']} params, EMA {r['ema']}, features {r['features']}, grad_accum {r['grad_accum_steps']}",
+        f"  micro-batches per data-parallel rank: {mb}",
+        f"  per device: params {r['params_gib']:.2f} GiB, optimiser {r['opt_state_gib']:.2f} GiB, "
+        f"EMA {r['ema_gib']:.2f} GiB, batch {r['batch_gib']:.2f} GiB",
+        "  memory_analysis per device (GiB): " + ", ".join(
+            f"{k.replace('_size_in_bytes', '')} {v:.2f}" for k, v in ma.items()),
+        f"  total (argument + output - alias + temp + code): {r['total_gib']:.2f} GiB per device -> "
+        f"{'fits' if r['fits_80gb'] else 'does NOT fit'} an 80 GB GPU (74.5 GiB)",
+        f"  FLOPs per step: {r['tflop_per_device_step']:.1f} TFLOP per device, {r['tflop_global_step']:.1f} TFLOP "
+        f"global (analytic matmuls, x{4 if r['remat_policy'] == 'full' else 3} forward); XLA cost analysis "
+        f"{'n/a' if r['xla_tflop'] is None else format(r['xla_tflop'], '.2f')} TFLOP (counts a scanned body once)",
+        f"  lower {r['lower_s']} s, compile {r['compile_s']} s (jax {r['jax_version']})",
+    ]
+    lines += [f"  note: {n}" for n in r["notes"]]
+    if r["backend"] == "cpu":
+        lines.append("  note: CPU memory_analysis is an estimate of GPU memory (different compiler, buffer "
+                     "assignment and fusion); parameter/optimiser/EMA figures are exact")
+    return "\n".join(lines)

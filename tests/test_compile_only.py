@@ -1,0 +1,86 @@
+"""compile_only: lower and compile the train step for a fake-device mesh and report per-device memory."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lens_jax.configs.base import load_experiment
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def fast_compile():
+    """Most XLA optimisations off (JAX_STYLE rule 11): these tests check the plumbing, not the figures."""
+    import jax
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+def _plan_config(variant=None, **over):
+    c = load_experiment("pretrain", variant)
+    c.model.preset = "tiny"
+    c.model.remat_policy = "full"
+    c.compile_only = True
+    c.compile_only_devices = 8
+    c.compile_only_text_len = 32
+    for k, v in over.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def test_stage2_micro_batches_compile_and_report_memory(tmp_path, fast_compile):
+    from lens_jax.train import compile_only
+    # A tiny DiT and small areas so the test is quick: the stage-2 path (three micro-batches with image masks).
+    c = _plan_config("stage2", **{"mesh.shape": (4, 2, 1), "data.buckets": "ar9:64,96,128",
+                                  "data.per_device_batch": (4, 2, 1)})
+    lines = []
+    r = compile_only.run(c, str(tmp_path), log=lines.append)
+    assert r["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert [m["per_device"] for m in r["micro_batches"]] == [4, 2, 1]
+    assert [m["global_batch"] for m in r["micro_batches"]] == [32, 16, 8]
+    ma = r["memory_analysis"]
+    assert ma["argument_size_in_bytes"] > 0 and ma["temp_size_in_bytes"] > 0
+    assert ma["alias_size_in_bytes"] > 0                       # the donated state is aliased to the output
+    # Sharded over fsdp = 2: each device holds ~1/2 of the fp32 parameters; Adam's two moments twice that.
+    from lens_jax.models.mmdit import MMDiT, abstract_params, count_params, mmdit_config
+    full = count_params(abstract_params(MMDiT(mmdit_config("tiny")))) * 4 / 1024 ** 3
+    assert 0.45 < r["params_gib"] / full < 0.6
+    assert abs(r["opt_state_gib"] / r["params_gib"] - 2) < 0.01
+    assert r["tflop_per_device_step"] > 0 and r["fits_80gb"]
+    assert "memory_analysis per device" in lines[0] and os.path.exists(tmp_path / "compile_only.json")
+
+
+def test_main_compile_only_sets_up_fake_devices(tmp_path):
+    """The entry point: a fresh process gets compile_only_devices fake CPU devices and prints the plan."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+    r = subprocess.run([sys.executable, "-m", "lens_jax.main", "--config=experiments/pretrain.py",
+                        "--config.compile_only=True", "--config.compile_only_devices=4",
+                        "--config.model.preset=tiny", "--config.compile_only_text_len=16",
+                        "--config.data.resolution=128", "--config.data.per_device_batch=(2,)",
+                        "--config.mesh.shape=(-1,2,1)", f"--workdir={tmp_path}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "on 4 fake cpu devices, mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in r.stdout
+    assert "per device" in r.stdout and "GiB" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["stage1", "stage2"])
+def test_full_scale_plan(tmp_path, variant):
+    """The real lens_3p8b plan (minutes of CPU compile; run by hand: pytest -m slow tests/test_compile_only.py)."""
+    if os.environ.get("LENS_FULL_COMPILE_ONLY") != "1":
+        pytest.skip("set LENS_FULL_COMPILE_ONLY=1 to compile lens_3p8b (several minutes, ~10 GB RAM)")
+    from lens_jax.train import compile_only
+    c = load_experiment("pretrain", variant)
+    c.compile_only = True
+    r = compile_only.run(c, str(tmp_path))
+    assert r["params_gib"] > 0 and r["total_gib"] > 0
