@@ -20,6 +20,8 @@ setup(
         "pillow>=10",
         "grain>=0.2.10",
         "array-record>=0.5",
+        # TensorBoard event files without TensorFlow.
+        "tensorboardX>=2.6",
         # Prompt tokenisation from local tokenizer files (never a hub download).
         "transformers>=5.0",
         "tokenizers>=0.21",

@@ -1,40 +1,236 @@
-"""Training checkpoints with one Orbax CheckpointManager: items 'state' and 'config' (JAX_STYLE rule 10).
+"""Training checkpoints: the one module that calls Orbax for train state (JAX_STYLE rule 10).
 
-Saves are asynchronous; `latest_step()` finds the newest complete checkpoint; restoring targets the
-*current* mesh's abstract state (ShapeDtypeStructs with shardings), so a run can resume on a different
-device count.
+One `CheckpointManager` per run directory with three named items per step:
+
+  state      the train-state pytree {params, opt_state, ema_params, step, rng} (StandardSave, async)
+  data_iter  the batch source's position: `source.get_state()`, a JSON-able dict, one file per process
+             (`process_<i>-of-<n>.json`), so any source with get_state()/set_state(dict) plugs in
+  config     the run's config as JSON
+
+Retention: the last `max_to_keep` steps plus every `keep_every`-th step (0 = off), through Orbax's
+preservation policies. Saves are asynchronous (arrays are copied to host before `save` returns, then
+written in the background); `wait()` blocks until the last one is on disk.
+
+Restoring targets the *current* mesh's abstract state (ShapeDtypeStructs carrying shardings), so a run
+saved on 8 devices resumes on 4 or 1. `restore_latest` walks back from the newest step: a step that
+fails to restore (for example a truncated file) is reported with a warning, moved aside into
+`<directory>.corrupt/` (never in read-only mode) and the previous step is tried. With
+`cleanup_tmp=True` (the training run) half-written steps left by a killed process are removed when the
+manager is created.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Any, Optional
+import shutil
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
 
+import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_managers as ocp_managers
+
+ITEMS = ("state", "data_iter", "config")
+
+
+def _any_process(flag: bool) -> bool:
+    from lens_jax.train.distributed import any_process
+    return any_process(flag)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The data-iterator item: a JSON dict per process.
+
+class DataIterHandler(ocp.CheckpointHandler):
+    """Writes/reads `process_<i>-of-<n>.json` holding one process's batch-source state."""
+
+    def save(self, directory: epath.Path, args: "DataIterSave"):
+        index, count = jax.process_index(), jax.process_count()
+        payload = dict(process_index=index, process_count=count, state=args.state)
+        (epath.Path(directory) / f"process_{index}-of-{count}.json").write_text(json.dumps(payload, indent=1))
+
+    def restore(self, directory: epath.Path, args: "DataIterRestore" = None) -> Optional[Dict[str, Any]]:
+        directory = epath.Path(directory)
+        index, count = jax.process_index(), jax.process_count()
+        path = directory / f"process_{index}-of-{count}.json"
+        if not path.exists():
+            saved = sorted(p.name for p in directory.glob("process_*.json"))
+            if not saved:
+                raise FileNotFoundError(f"no data-iterator state in {directory}")
+            path = directory / saved[0]
+            warnings.warn(f"data-iterator state was saved by a different number of processes ({saved}); "
+                          f"process {index}/{count} restores {saved[0]} (exact for the latent-cache source, "
+                          "whose state is only the step)")
+        return json.loads(path.read_text())["state"]
+
+    def metadata(self, directory: epath.Path) -> Optional[Any]:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(DataIterHandler, for_save=True)
+@dataclasses.dataclass
+class DataIterSave(ocp.args.CheckpointArgs):
+    state: Dict[str, Any]
+
+
+@ocp.args.register_with_handler(DataIterHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIterRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def find_checkpoint_dir(path: str) -> Tuple[str, Optional[int]]:
+    """(checkpoints directory, step or None) for a run workdir, a checkpoints directory or one step's
+    directory (`.../checkpoints/400`). Raises FileNotFoundError naming what was looked for."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints"), None
+    base = os.path.basename(path.rstrip("/"))
+    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
+        return os.path.dirname(path), int(base)
+    if any(n.isdigit() for n in os.listdir(path)):
+        return path, None
+    raise FileNotFoundError(f"{path} is neither a run workdir (with checkpoints/), a checkpoints directory "
+                            "nor a checkpoint step directory")
 
 
 class TrainCheckpointer:
-    def __init__(self, directory: str, max_to_keep: int = 3, save_interval_steps: int = 0, async_save: bool = True):
+    def __init__(self, directory: str, max_to_keep: int = 3, save_interval_steps: int = 0, async_save: bool = True,
+                 keep_every: int = 0, read_only: bool = False, cleanup_tmp: bool = False):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=async_save)
+        self.read_only = read_only
         self._save_interval = int(save_interval_steps)
-        self.manager = ocp.CheckpointManager(self.directory, item_names=("state", "config"), options=options)
+        preserve = [ocp_managers.LatestN(max_to_keep)]
+        if keep_every and keep_every > 0:
+            preserve.append(ocp_managers.EveryNSteps(int(keep_every)))
+        # Save decisions are made here (should_save) and every save is forced: interval saves, the final
+        # save and the SIGTERM save go through one path.
+        options = ocp.CheckpointManagerOptions(
+            create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
+            # Half-written steps of a killed run; only the training run itself should clean them up (a
+            # reader such as the eval phase must not remove a save in progress).
+            cleanup_tmp_directories=cleanup_tmp and not read_only,
+            save_decision_policy=ocp_managers.SpecificStepsPolicy(steps=()),
+            preservation_policy=ocp_managers.AnyPreservationPolicy(preserve))
+        handlers = dict(state=ocp.StandardCheckpointHandler(), data_iter=DataIterHandler(),
+                        config=ocp.JsonCheckpointHandler())
+        self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, item_handlers=handlers,
+                                             options=options)
 
+    # -- queries --------------------------------------------------------------------------------------
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
+
+    def all_steps(self) -> List[int]:
+        return sorted(self.manager.all_steps())
 
     def should_save(self, step: int) -> bool:
         return self._save_interval > 0 and step % self._save_interval == 0
 
-    def save(self, step: int, state: Any, config_json: str, force: bool = False) -> bool:
-        return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(json.loads(config_json))), force=force)
+    def has_item(self, step: int, item: str) -> bool:
+        return os.path.isdir(os.path.join(self.directory, str(step), item))
 
+    # -- save -----------------------------------------------------------------------------------------
+    def save(self, step: int, state: Any, config_json: str, force: bool = False,
+             data_state: Optional[Dict[str, Any]] = None) -> bool:
+        """Starts an async save of `state` (+ the data-iterator state and config). Every process calls it."""
+        del force   # every save is explicit (see __init__)
+        if step in self.manager.all_steps():
+            return False
+        items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(json.loads(config_json)))
+        if data_state is not None:
+            items["data_iter"] = DataIterSave(dict(data_state))
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    # -- restore --------------------------------------------------------------------------------------
     def restore(self, step: int, abstract_state: Any) -> Any:
+        """The train state of `step`, placed as `abstract_state` says (shapes, dtypes, shardings)."""
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return out["state"]
 
+    def restore_full(self, step: int, abstract_state: Any) -> Tuple[Any, Optional[Dict[str, Any]]]:
+        """(state, data-iterator state or None when the checkpoint has no data_iter item)."""
+        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        if self.has_item(step, "data_iter"):
+            items["data_iter"] = DataIterRestore()
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return out["state"], (out["data_iter"] if "data_iter" in items else None)
+
+    def restore_latest(self, abstract_state: Any, step: Optional[int] = None, log=print
+                       ) -> Optional[Tuple[int, Any, Optional[Dict[str, Any]]]]:
+        """(step, state, data state) of the newest step that restores (or of `step`), else None.
+
+        A step that fails to restore is reported and skipped; outside read-only mode it is moved to
+        `<directory>.corrupt/<step>-<time>` so that later saves of that step number do not collide.
+        """
+        steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+        for s in steps:
+            error = None
+            try:
+                state, data_state = self.restore_full(s, abstract_state)
+            except Exception as e:   # noqa: BLE001 - any failure to read a step falls back to the previous one
+                error = e
+            # Every process must take the same decision (a broken shard may be read by one process only).
+            if not _any_process(error is not None):
+                return s, state, data_state
+            if error is None:
+                msg = "failed on another process"
+            else:
+                msg = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:400]
+            warnings.warn(f"checkpoint {self.directory}/{s} failed to restore ({msg}); "
+                          "falling back to the previous checkpoint")
+            log(f"warning: checkpoint step {s} in {self.directory} failed to restore ({msg}); "
+                "trying the previous one")
+            if step is not None:
+                raise error if error is not None else RuntimeError(f"checkpoint step {s}: {msg}")
+            self._quarantine(s)
+        return None
+
+    def _quarantine(self, step: int) -> None:
+        if self.read_only:
+            return
+        if jax.process_index() == 0:
+            src = os.path.join(self.directory, str(step))
+            dst_root = self.directory.rstrip("/") + ".corrupt"
+            os.makedirs(dst_root, exist_ok=True)
+            dst = os.path.join(dst_root, f"{step}-{int(time.time())}")
+            if os.path.exists(src):
+                shutil.move(src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"lens_jax_quarantine_{step}")
+        self.manager.reload()
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only state['params'] of `step` (weights-only initialisation), placed as `abstract_params` says."""
+        target = {"params": abstract_params}
+        restore_args = jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype, global_shape=x.shape), target)
+        with ocp.PyTreeCheckpointer() as ckptr:
+            out = ckptr.restore(os.path.join(self.directory, str(step), "state"), args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True))
+        return out["params"]
+
+    def read_config(self, step: int) -> Optional[Dict[str, Any]]:
+        path = os.path.join(self.directory, str(step), "config")
+        if not os.path.isdir(path):
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    # -- lifecycle ------------------------------------------------------------------------------------
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
