@@ -322,7 +322,8 @@ def test_local_batches_become_global_arrays_over_the_data_axes(shards):
     g = sp.to_global_arrays(mb, mesh)
     assert set(g) == {"bucket", "size", "grid", "num_tokens", "img_pos", "img_mask", "aspect", "orig_size"}
     assert g["img_pos"].shape == mb["img_pos"].shape
-    assert g["img_pos"].sharding.spec == jax.P(("data", "fsdp"), None, None)
+    assert g["img_pos"].sharding.spec == jax.P(sharding_lib.BATCH_AXES, None, None)
+    assert set(sharding_lib.BATCH_AXES) == {"data", "fsdp"}
     np.testing.assert_array_equal(np.asarray(g["img_mask"]), mb["img_mask"])
     assert len(g["img_pos"].addressable_shards) == 8
 

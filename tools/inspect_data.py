@@ -71,8 +71,12 @@ def main(argv):
     if not config.data.path:
         print("error: set --config.data.path=/path/to/shards", file=sys.stderr)
         sys.exit(2)
-    pipe = build_pipeline(config.data, data_parallel=FLAGS.data_parallel, seed=config.seed,
-                          process_index=FLAGS.process_index, process_count=FLAGS.process_count)
+    try:
+        pipe = build_pipeline(config.data, data_parallel=FLAGS.data_parallel, seed=config.seed,
+                              process_index=FLAGS.process_index, process_count=FLAGS.process_count)
+    except (FileNotFoundError, ValueError) as e:    # bad path, no shards, bad bucket or batch settings
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     table = pipe.opts.table
     it = iter(pipe)
     header = {"shards": len(pipe.source.files), "bad_shards": [f for f, _ in pipe.source.bad_shards],

@@ -406,7 +406,7 @@ def encode_micro_batch(batch: Dict[str, Any], encode_fn: Callable[[np.ndarray], 
 
 
 def to_global_arrays(local_batch: Dict[str, Any], mesh) -> Dict[str, Any]:
-    """The array entries of a process-local batch as global jax.Arrays, batch axis over ('data', 'fsdp').
+    """The array entries of a process-local batch as global jax.Arrays, batch axis over the data axes.
 
     Only numpy / jax arrays with a leading batch axis are converted (lists of pixels, captions, ids and
     stats stay on the host and are left out). Every process must call this with its own local batch.
