@@ -5,14 +5,31 @@ Variants:
   stage2            the 27 buckets (3 areas x 9 aspect ratios), per-device batch 24/10/6, LR 1e-4,
                     mu from 1.0 at 256 tokens to 1.3 at 4096
   tiny              the CPU research loop: shapes world (brief captions), the shipped tiny VAE and text
-                    encoder, a small DiT; trains, samples and evaluates in ~7 minutes on 2 CPU cores
+                    encoder, a small DiT; trains, samples and evaluates in ~8-11 minutes on 2 CPU cores
 
   python -m lens_jax.main --config=experiments/pretrain.py:tiny --workdir=runs/tiny
+
+Data: source=shards reads ArrayRecord image-caption shards (tools/build_shards.py) through the bucketed Grain
+pipeline and encodes every step's micro-batches online with the frozen VAE and text encoder
+(lens_jax/data/encoded_source.py); a step holds one micro-batch per scheduled base area, each of
+per_device_batch[area] x (data-parallel devices) images. source=shapes (tiny's default) encodes the shapes
+world once into an in-memory cache of config.batch_size-image batches.
+
+The tiny experiment from shards (64-px shapes-world shards, one 64 x 64 bucket, 64 images per step on one
+device, brief captions in 64 text tokens; ShapesEval still runs at the end):
+
+  python tools/build_shards.py --shapes_world=4096 --image_size=64 --out=/tmp/shapes_shards
+  python -m lens_jax.main --config=experiments/pretrain.py:tiny --config.data.source=shards \
+      --config.data.path=/tmp/shapes_shards --workdir=runs/tiny_shards
+
+  (several devices: per_device_batch is per device, e.g. --config.data.per_device_batch='(8,)' on 8 devices
+  for the same 64 images per step; mixed 64-px aspect ratios: --config.data.buckets=ar9 gives the 9 Lens
+  ratios at base side 64, 'ar9:32,48,64' three base areas with --config.data.per_device_batch='(a,b,c)')
 """
 import ml_collections
 
 from lens_jax.configs import base
-from lens_jax.train.sharding import DEFAULT_RULES
+from lens_jax.train.sharding import DEFAULT_RULES, TEXT_ENCODER_RULES, VAE_RULES
 
 VARIANTS = ("stage1", "stage2", "tiny")
 
@@ -36,7 +53,23 @@ def get_config(arg=None):
         caption_dropout=0.1,        # whole-caption drop to zeros + all-false mask (CFG)
         num_examples=0,             # shapes world: examples encoded into the training cache
         image_size=64,              # shapes world: image side in pixels
-        max_text_tokens=0,          # > 0 truncates cached text features (after the offset strip)
+        max_text_tokens=0,          # > 0 truncates cached text features (after the offset strip); shards: the fixed
+                                    # text length of every batch (cut or zero-padded; 0 = the text encoder's
+                                    # max_length - txt_offset, e.g. 512 - 97 = 415 for GPT-OSS)
+        features="cached",          # cached: batches carry VAE tokens + text features | online: raw pixels and
+                                    # token ids, encoded inside the train step by the frozen, sharded encoders
+        # Shard pipeline (lens_jax/data/shard_pipeline.py; source=shards). The bucket table is `buckets` at
+        # `resolution` ('' = one resolution x resolution bucket; 'lens27'; 'ar9'; 'ar9:S1,S2,...', see
+        # lens_jax/data/buckets.py); per_device_batch has one entry per base area:
+        area_mixture=(),            # per-area weights of micro-batches per step; () = equal (one of each area)
+        micro_batches_per_step=0,   # micro-batches accumulated per step; 0 = areas with a positive weight
+        min_area=384 ** 2,          # skip (and count) images with fewer pixels (LENS_SPEC §5.2 step 2)
+        max_upscale=1.0,            # an image is used at a base area only if upscaled <= this; else a smaller area
+        num_threads=0,              # Grain reader threads per area stream; 0 = min(16, CPU count)
+        prefetch=64,                # elements buffered per area stream
+        num_workers=0,              # > 0: Grain mp_prefetch worker processes per area stream
+        jpeg_draft=True,            # JPEG DCT-domain downscale (1/2..1/8) before the bicubic resize
+        pixel_dtype="float32",      # pixels handed to the trainer: float32 in [-1, 1] | uint8
     ))
     c.batch_size = 3072
     c.num_steps = 400_000
@@ -44,11 +77,33 @@ def get_config(arg=None):
     c.timestep = base.timestep_config()
     c.timestep.mu = 1.06
     c.ema_decay = 0.0               # 0 = no EMA (not used by Lens; LENS_SPEC §12.2)
-    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1)))
-    c.sharding = ml_collections.ConfigDict(dict(rules=DEFAULT_RULES))
+    c.mesh = ml_collections.ConfigDict(dict(
+        shape=(-1, 1, 1),           # (data, fsdp, tensor) within a slice/host (ICI); one -1 = the rest
+        dcn_shape=(1, 1, 1),        # across slices/hosts (DCN); global mesh = shape * dcn_shape elementwise
+    ))
+    c.sharding = ml_collections.ConfigDict(dict(
+        rules=DEFAULT_RULES,                    # DiT logical axis -> mesh axes (lens_jax/train/sharding.py)
+        vae_rules=VAE_RULES,                    # frozen VAE for data.features=online: replicated
+        text_encoder_rules=TEXT_ENCODER_RULES,  # frozen GPT-OSS for data.features=online: FSDP + tensor
+    ))
+    c.grad_accum_steps = 1          # split each (dict) batch into k equal micro-batches inside the step (memory;
+                                    # same gradient); per-device batch must divide by k
+    c.compile_only = False          # lower + compile the full-scale step on fake CPU devices, print per-device
+                                    # memory and FLOPs, then exit (no data, nothing allocated)
+    c.compile_only_devices = 8      # fake CPU device count for compile_only (mesh.shape's -1 is filled from it);
+                                    # 0 = this machine's own devices (e.g. one GPU, to check the CPU estimate)
+    c.compile_only_text_len = 0     # text tokens per example for compile_only; 0 = text_encoder.max_length - txt_offset
     c.log_every = 100
     c.checkpoint_every = 5000
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3          # keep the newest N checkpoints ...
+    c.keep_every = 0                # ... plus every K-th step's checkpoint for good (0 = off)
+    c.resume_from = ""              # if this workdir has no checkpoint: another run's workdir, checkpoints/ or
+                                    # checkpoints/STEP dir; full state + data position, continues its step count
+    c.init_from = ""                # else weights only, step 0, fresh optimiser: a converted lens_dit checkpoint
+                                    # (tools/convert_checkpoint.py) or a pretrain workdir / checkpoints dir
+    c.max_nonfinite_steps = 20      # abort after this many non-finite (skipped) steps in a row; 0 = never
+    c.peak_tflops = 0.0             # peak TFLOP/s per device for MFU; 0 = from the device kind (none on CPU)
+    c.tensorboard = True            # TensorBoard event files under WORKDIR/tensorboard (tensorboardX)
     c.sample_every = 5000
     c.sample = base.sample_config(num_steps=20, guidance=5.0)
     c.sample.height = c.sample.width = 512
@@ -62,6 +117,7 @@ def get_config(arg=None):
         mu=-1.0,                    # sigma-schedule shift; < 0 = FLUX.2 empirical mu
         seed=1234,
         batch_size=64,
+        integrity=True,             # an image also has to be clean (no spurious blobs / clutter) to count
     ))
 
     if variant == "stage2":
@@ -108,4 +164,11 @@ def get_config(arg=None):
         c.eval.samples_per_prompt = 4
         c.eval.guidance = 4.0
         c.eval.num_steps = 20
+        # For --config.data.source=shards (shapes-world shards, see the module docstring): 64 x 64 images (no
+        # minimum area) and 64 images per step on one device, like batch_size (both read only by the shard
+        # pipeline); a fixed 64-token text length for the brief captions (<= 45 tokens; the cache keeps its
+        # longest caption's length, so this does not change the default run).
+        c.data.min_area = 0
+        c.data.per_device_batch = (64,)
+        c.data.max_text_tokens = 64
     return c

@@ -16,6 +16,18 @@ import numpy as np
 from lens_jax.models.mmdit import image_positions
 
 
+def batch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """Example indices (of n) of global batch `step`: epoch-wise permutations seeded by (seed, epoch).
+    A pure function of (n, step, batch_size, seed); shared by the cached and the raw (online) sources."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = np.random.default_rng([seed, epoch, 0xDA7A]).permutation(n)
+        out.extend(perm[offset:offset + batch_size - len(out)].tolist())
+    return np.asarray(out, np.int64)
+
+
 @dataclasses.dataclass
 class EncodedDataset:
     """img [N, n, C] float32 tokens; txt [N, L, F] float32 features; mask [N, L] bool; grid (h, w)."""
@@ -32,14 +44,7 @@ class EncodedDataset:
 
     def indices(self, step: int, batch_size: int, seed: int) -> np.ndarray:
         """Example indices of global batch `step`: epoch-wise permutations seeded by (seed, epoch)."""
-        n = len(self)
-        start = step * batch_size
-        out = []
-        while len(out) < batch_size:
-            epoch, offset = divmod(start + len(out), n)
-            perm = np.random.default_rng([seed, epoch, 0xDA7A]).permutation(n)
-            out.extend(perm[offset:offset + batch_size - len(out)].tolist())
-        return np.asarray(out, np.int64)
+        return batch_indices(len(self), step, batch_size, seed)
 
     def batch(self, step: int, batch_size: int, seed: int) -> Dict[str, np.ndarray]:
         idx = self.indices(step, batch_size, seed)
@@ -53,24 +58,35 @@ class EncodedDataset:
                     txt=self.txt[idx], txt_mask=self.mask[idx])
 
 
-def encode_examples(images_and_captions, vae, encode_text: Callable, num_examples: int,
-                    max_text_tokens: int = 0, log: Callable[[str], None] = print) -> EncodedDataset:
-    """Encodes (images [b,H,W,3] in [-1,1], captions [b]) chunks until `num_examples` are cached."""
-    imgs, txts, masks = [], [], []
+def take_examples(images_and_captions, num_examples: int):
+    """Yields (images, captions) chunks of the stream, the last one cut, until `num_examples` in all.
+
+    Raises ValueError if the stream ends first (the caches never silently hold fewer examples).
+    """
     count = 0
     for images, captions in images_and_captions:
         take = min(len(captions), num_examples - count)
         if take <= 0:
             break
-        imgs.append(np.asarray(vae.encode_tokens(images[:take]), np.float32))
-        tf = encode_text([str(c) for c in captions[:take]])
-        txts.append(np.asarray(tf.features, np.float32))
-        masks.append(np.asarray(tf.mask, bool))
         count += take
-        if len(imgs) % 8 == 0:
-            log(f"  encoded {count}/{num_examples}")
+        yield images[:take], [str(c) for c in captions[:take]]
     if count < num_examples:
         raise ValueError(f"the data source ran out after {count} of {num_examples} examples")
+
+
+def encode_examples(images_and_captions, vae, encode_text: Callable, num_examples: int,
+                    max_text_tokens: int = 0, log: Callable[[str], None] = print) -> EncodedDataset:
+    """Encodes (images [b,H,W,3] in [-1,1], captions [b]) chunks until `num_examples` are cached."""
+    imgs, txts, masks = [], [], []
+    count = 0
+    for images, captions in take_examples(images_and_captions, num_examples):
+        imgs.append(np.asarray(vae.encode_tokens(images), np.float32))
+        tf = encode_text(captions)
+        txts.append(np.asarray(tf.features, np.float32))
+        masks.append(np.asarray(tf.mask, bool))
+        count += len(captions)
+        if len(imgs) % 8 == 0:
+            log(f"  encoded {count}/{num_examples}")
     longest = max(int(m.sum(1).max()) for m in masks)
     length = longest if max_text_tokens <= 0 else min(longest, max_text_tokens)
 
