@@ -5,7 +5,7 @@ Variants:
   stage2            the 27 buckets (3 areas x 9 aspect ratios), per-device batch 24/10/6, LR 1e-4,
                     mu from 1.0 at 256 tokens to 1.3 at 4096
   tiny              the CPU research loop: shapes world (brief captions), the shipped tiny VAE and text
-                    encoder, a small DiT; trains, samples and evaluates in ~8-11 minutes on 2 CPU cores
+                    encoder, a small DiT; trains, samples and evaluates in ~7.5 minutes on 2 idle CPU cores
 
   python -m lens_jax.main --config=experiments/pretrain.py:tiny --workdir=runs/tiny
 

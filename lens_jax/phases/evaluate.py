@@ -14,7 +14,6 @@ import json
 import os
 import time
 
-import jax
 import numpy as np
 
 
@@ -66,31 +65,15 @@ def evaluate_shapes(pipeline, config, outdir: str) -> dict:
 
 def run(config, workdir: str):
     from lens_jax.configs.base import ConfigError
-    from lens_jax.models.mmdit import dummy_inputs
-    from lens_jax.phases.pretrain import build_dit, load_encoders
+    from lens_jax.phases.pretrain import build_dit, load_encoders, restore_trained_params
     from lens_jax.pipeline import LensPipeline
-    from lens_jax.train import sharding as sharding_lib
-    from lens_jax.train.checkpoints import TrainCheckpointer
-    from lens_jax.train.optim import make_optimizer
-    from lens_jax.train.state import abstract_train_state
 
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise ConfigError(f"no checkpoints in {ckpt_dir}: run the pretrain phase with --workdir={workdir} first")
     vae, encode_text, hidden, n_layers = load_encoders(config)
     model = build_dit(config, vae.token_channels, hidden, n_layers)
-    mesh = sharding_lib.make_mesh(config.mesh.shape)
-    rules = sharding_lib.validate_rules(config.sharding.rules)
-    optimizer, _ = make_optimizer(config.optim, config.num_steps)
-    use_ema = config.ema_decay > 0
-    dummy = dummy_inputs(model.config)
-    abstract, _ = abstract_train_state(model, optimizer, dummy, mesh, rules, use_ema)
-    ckpt = TrainCheckpointer(ckpt_dir)
-    step = ckpt.latest_step()
-    if step is None:
-        raise ConfigError(f"no complete checkpoint in {ckpt_dir}")
-    state = ckpt.restore(step, abstract)
-    ckpt.close()
-    print(f"evaluating step {step} ({'EMA' if use_ema else 'raw'} parameters)", flush=True)
-    pipeline = LensPipeline(model, state["ema_params"] if use_ema else state["params"], encode_text, vae)
+    params, step = restore_trained_params(config, model, ckpt_dir)
+    print(f"evaluating step {step} ({'EMA' if config.ema_decay > 0 else 'raw'} parameters)", flush=True)
+    pipeline = LensPipeline(model, params, encode_text, vae)
     return evaluate_shapes(pipeline, config, os.path.join(workdir, "eval"))

@@ -220,6 +220,30 @@ def text_length(config, prompt_cfg) -> int:
     return n if n > 0 else int(prompt_cfg.max_length) - int(prompt_cfg.txt_offset)
 
 
+def restore_trained_params(config, model, ckpt_dir: str):
+    """(EMA parameters if config.ema_decay > 0 else the raw ones, step) of the newest checkpoint in ckpt_dir.
+
+    The abstract train state of this config (one-host mesh) is the restore target; raises ConfigError when
+    the directory holds no complete checkpoint.
+    """
+    if not os.path.isdir(ckpt_dir):
+        raise ConfigError(f"no checkpoints in {ckpt_dir}: run the pretrain phase first")
+    mesh = sharding_lib.make_mesh(config.mesh.shape)
+    optimizer, _ = make_optimizer(config.optim, config.num_steps)
+    use_ema = config.ema_decay > 0
+    abstract, _ = abstract_train_state(model, optimizer, dummy_inputs(model.config), mesh,
+                                       sharding_lib.validate_rules(config.sharding.rules), use_ema)
+    ckpt = TrainCheckpointer(ckpt_dir)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise ConfigError(f"no complete checkpoint in {ckpt_dir}")
+        state = ckpt.restore(step, abstract)
+    finally:
+        ckpt.close()
+    return (state["ema_params"] if use_ema else state["params"]), step
+
+
 def sample_grid(pipeline, config, params, path: str) -> None:
     from lens_jax.eval.shapes_eval import save_grid
     prompts = [p for p in config.sample.prompts.split(";") if p.strip()]

@@ -54,27 +54,13 @@ def load_dit_params(config, workdir: str, model):
         if kind != "lens_dit" or cfg != model.config:
             raise ConfigError(f"{src} holds a {kind} checkpoint whose config does not match config.model.preset")
         return jax.tree.map(lambda x: np.asarray(x, np.float32), variables["params"]), "converted"
-    from lens_jax.models.mmdit import dummy_inputs
-    from lens_jax.train import sharding as sharding_lib
-    from lens_jax.train.checkpoints import TrainCheckpointer
-    from lens_jax.train.optim import make_optimizer
-    from lens_jax.train.state import abstract_train_state
+    from lens_jax.phases.pretrain import restore_trained_params
     ckpt_dir = os.path.join(src, "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise ConfigError(f"no DiT checkpoint: {src} has neither lens_jax.json nor checkpoints/; "
                           "set --config.sample.checkpoint")
-    mesh = sharding_lib.make_mesh(config.mesh.shape)
-    optimizer, _ = make_optimizer(config.optim, config.num_steps)
-    use_ema = config.ema_decay > 0
-    abstract, _ = abstract_train_state(model, optimizer, dummy_inputs(model.config), mesh,
-                                       sharding_lib.validate_rules(config.sharding.rules), use_ema)
-    ckpt = TrainCheckpointer(ckpt_dir)
-    step = ckpt.latest_step()
-    if step is None:
-        raise ConfigError(f"no complete checkpoint in {ckpt_dir}")
-    state = ckpt.restore(step, abstract)
-    ckpt.close()
-    return (state["ema_params"] if use_ema else state["params"]), f"step {step}"
+    params, step = restore_trained_params(config, model, ckpt_dir)
+    return params, f"step {step}"
 
 
 def run(config, workdir: str):

@@ -21,7 +21,7 @@ Batches: every process feeds only the rows of the global batch that live on its 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional
 
 import jax
 import numpy as np
