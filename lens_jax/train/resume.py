@@ -50,11 +50,7 @@ def _init_weights(path: str, abstract_params, model_config, log) -> Any:
             raise ConfigError(f"config.init_from={path}: its DiT config differs from config.model.preset "
                               f"(field: checkpoint vs run): {diff}")
         return orbax_io.restore_weights(path, {"params": abstract_params})["params"]
-    try:
-        ckpt_dir, step = find_checkpoint_dir(path)
-    except FileNotFoundError as e:
-        raise ConfigError(f"config.init_from: {e}") from None
-    ckpt = TrainCheckpointer(ckpt_dir, read_only=True)
+    ckpt_dir, step, ckpt = _open_other_run(path, "init_from")
     try:
         step = step if step is not None else ckpt.latest_step()
         if step is None:
@@ -64,6 +60,15 @@ def _init_weights(path: str, abstract_params, model_config, log) -> Any:
         return params
     finally:
         ckpt.close()
+
+
+def _open_other_run(path: str, option: str):
+    """(checkpoint dir, step or None, read-only TrainCheckpointer) of another run named by config.<option>."""
+    try:
+        ckpt_dir, step = find_checkpoint_dir(path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config.{option}: {e}") from None
+    return ckpt_dir, step, TrainCheckpointer(ckpt_dir, read_only=True)
 
 
 def resolve_start(ckpt: TrainCheckpointer, abstract_state, create_fn: Callable[[], Any], *,
@@ -79,11 +84,7 @@ def resolve_start(ckpt: TrainCheckpointer, abstract_state, create_fn: Callable[[
     if ckpt.all_steps():
         log(f"warning: no checkpoint in {ckpt.directory} restores; continuing down the resume order")
     if resume_from:
-        try:
-            src_dir, src_step = find_checkpoint_dir(resume_from)
-        except FileNotFoundError as e:
-            raise ConfigError(f"config.resume_from: {e}") from None
-        src = TrainCheckpointer(src_dir, read_only=True)
+        src_dir, src_step, src = _open_other_run(resume_from, "resume_from")
         try:
             got = src.restore_latest(abstract_state, step=src_step, log=log)
         finally:
