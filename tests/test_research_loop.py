@@ -46,6 +46,9 @@ def test_pretrain_writes_metrics_checkpoint_samples_and_eval(trained_workdir):
         ev = json.load(f)
     assert set(ev["tasks"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
     assert 0.0 <= ev["overall"] <= 1.0 and ev["num_images"] == 6
+    assert {"blank", "objects", "shape_present", "count_exact", "color_present"} == set(ev["diagnostics"])
+    rates = {k: v for k, v in ev["diagnostics"].items() if k != "objects"}
+    assert all(0.0 <= v <= 1.0 for v in rates.values()) and ev["diagnostics"]["objects"] >= 0.0, ev["diagnostics"]
     assert result["overall"] == ev["overall"]
 
 

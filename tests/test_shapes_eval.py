@@ -214,3 +214,29 @@ def test_integrity_gate_rejects_clutter_but_not_clean_images(prompts, gt_images)
     rng = np.random.default_rng(5)
     res = se.evaluate([[_perturb(im, rng, 1.3, 12.0) for im in ims] for ims in gt_images], prompts)
     assert res["integrity"] >= 0.99 and res["overall"] >= 0.98 and res["overall"] == res["overall_rules_only"]
+
+
+def test_attribute_diagnostics_say_which_words_an_image_honours(prompts, gt_images):
+    """Ground truth honours every attribute; blanks honour none; a recoloured scene keeps its shapes and counts
+    but loses its colours -- the failure analysis can tell these apart."""
+    d = se.evaluate(gt_images, prompts)["diagnostics"]
+    assert d["blank"] == 0.0 and d["shape_present"] == 1.0 and d["count_exact"] == 1.0 and d["color_present"] == 1.0
+    assert 1.0 <= d["objects"] <= 4.0
+    blank = [[np.full((64, 64, 3), 255, np.uint8)] for _ in prompts]
+    d = se.evaluate(blank, prompts)["diagnostics"]
+    assert d == {"blank": 1.0, "objects": 0.0, "shape_present": 0.0, "count_exact": 0.0, "color_present": 0.0}
+    # Same scenes, every object in a colour the prompt did not ask for.
+    colour_prompts = [p for p in prompts if p["tag"] == "colors"]
+    rng = np.random.default_rng(5)
+    recoloured = []
+    for p in colour_prompts:
+        wanted = p["include"][0]["color"]
+        scene = se.ground_truth_scene(p, rng, CFG)
+        other = next(c for c in CFG.colors if c != wanted)
+        for o in scene.objects:
+            o.color = other
+        recoloured.append([render(scene)])
+    d = se.evaluate(recoloured, colour_prompts)["diagnostics"]
+    assert d["color_present"] == 0.0 and d["shape_present"] == 1.0 and d["count_exact"] == 1.0 and d["blank"] == 0.0
+    checks = se.prompt_attribute_checks([], {"include": [{"class": "circle", "count": 1}]})
+    assert "color_present" not in checks     # only prompts that name a colour are counted

@@ -549,13 +549,16 @@ def evaluate(images_per_prompt: Sequence[Sequence[np.ndarray]], prompts: Sequenc
       held-out combination; NaN if none), ``seen`` (image-level accuracy on the other prompts of
       the colour tasks ``colors`` and ``color_attr``, the like-for-like comparison; NaN if none),
       ``seen_all`` (accuracy on every non-unseen prompt), ``partial`` (mean DiffusionNFT partial
-      credit), ``num_images``, ``num_prompts``, ``per_prompt`` (accuracy per prompt).
+      credit), ``num_images``, ``num_prompts``, ``per_prompt`` (accuracy per prompt),
+      ``diagnostics`` (image means of ``prompt_attribute_checks``: blank rate, objects per image,
+      requested shape / colour present, exact counts; ``color_present`` over colour prompts only).
     """
     if len(images_per_prompt) != len(prompts):
         raise ValueError(f"{len(images_per_prompt)} image lists for {len(prompts)} prompts")
     per_task: dict[str, list[float]] = {}
     per_task_rules: dict[str, list[float]] = {}
     unseen, seen, seen_all, partials, per_prompt, clean, clutter = [], [], [], [], [], [], []
+    diag: dict[str, list[float]] = {}
     n_img = 0
     for imgs, p in zip(images_per_prompt, prompts):
         res = []
@@ -567,6 +570,8 @@ def evaluate(images_per_prompt: Sequence[Sequence[np.ndarray]], prompts: Sequenc
             clutter.append(integ["clutter_frac"])
             res.append(float(ok and (integ["clean"] or not integrity)))
             partials.append(part)
+            for k, v in prompt_attribute_checks(dets, p).items():
+                diag.setdefault(k, []).append(v)
         n_img += len(res)
         per_task.setdefault(p["tag"], []).extend(res)
         if p.get("unseen", False):
@@ -593,7 +598,34 @@ def evaluate(images_per_prompt: Sequence[Sequence[np.ndarray]], prompts: Sequenc
         "num_images": n_img,
         "num_prompts": len(prompts),
         "per_prompt": per_prompt,
+        "diagnostics": {k: mean(v) for k, v in diag.items()},
     }
+
+
+def prompt_attribute_checks(dets: Sequence[dict], meta: dict) -> dict[str, float]:
+    """Which of the prompt's words an image honours, one attribute at a time (failure analysis).
+
+    GenEval's verdict is all-or-nothing; these say *why* a model fails. For one image's detections
+    (``analyze_image``) and its prompt dict, returns 0/1 values:
+
+      blank          no object found at all
+      objects        number of recognised (non-"unknown") objects (a count, not 0/1)
+      shape_present  every requested class is among the recognised objects (any colour, any count)
+      color_present  every requested colour is among the detected objects (any shape); only for
+                     prompts that name a colour
+      count_exact    every requested class is recognised exactly as often as the prompt says
+    """
+    known = [d for d in dets if d["shape"] not in (None, "unknown")]
+    shapes = [d["shape"] for d in known]
+    include = meta.get("include", [])
+    out = {"blank": float(len(dets) == 0), "objects": float(len(known)),
+           "shape_present": float(all(r["class"] in shapes for r in include)),
+           "count_exact": float(all(shapes.count(r["class"]) == int(r["count"]) for r in include))}
+    wanted = [r["color"] for r in include if "color" in r]
+    if wanted:
+        colors = {d["color"] for d in dets}
+        out["color_present"] = float(all(c in colors for c in wanted))
+    return out
 
 
 def save_grid(images: Sequence[np.ndarray], path: str, ncol: int = 8, pad: int = 2,

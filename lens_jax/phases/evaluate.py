@@ -39,7 +39,7 @@ def evaluate_shapes(pipeline, config, outdir: str) -> dict:
     result = evaluate(per_prompt, prompts, integrity=e.integrity)
     summary = {key: result[key] for key in ("overall", "tasks", "overall_rules_only", "tasks_rules_only",
                                             "integrity", "clutter", "seen", "unseen", "seen_all", "partial",
-                                            "num_images", "num_prompts")}
+                                            "num_images", "num_prompts", "diagnostics")}
     summary["settings"] = dict(num_steps=e.num_steps, guidance=e.guidance, mu=e.mu, samples_per_prompt=k, seed=e.seed,
                                image_size=size, caption=config.data.caption, model=config.model.preset,
                                integrity_gate=bool(e.integrity))
@@ -60,6 +60,9 @@ def evaluate_shapes(pipeline, config, outdir: str) -> dict:
     print(f"synthetic GenEval overall={result['overall']:.3f} ({tasks}) unseen={result['unseen']:.3f} "
           f"integrity={result['integrity']:.3f} rules-only={result['overall_rules_only']:.3f} "
           f"in {time.time() - t0:.0f}s -> {outdir}", flush=True)
+    d = result["diagnostics"]
+    print("  what the images honour: " + " ".join(f"{k}={v:.3f}" for k, v in d.items())
+          + "  (blank = no object; *_present = the prompt's shapes / colours appear at all)", flush=True)
     return summary
 
 
