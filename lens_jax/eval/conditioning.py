@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lens_jax.diffusion import objective
 from lens_jax.models import attention as attention_lib
 
 RECORDING_KERNEL = "einsum_record"
@@ -57,9 +58,8 @@ def recorded_attention():
 def flow_loss(model, params, x0, img_pos, txt, txt_mask, sigma: float, eps) -> float:
     """Mean squared error of the velocity prediction (target eps - x0) at one noise level."""
     s = jnp.full((x0.shape[0],), sigma, jnp.float32)
-    xt = (1.0 - sigma) * x0 + sigma * eps
-    v = model.apply({"params": params}, xt, img_pos, txt, txt_mask, s)
-    return float(jnp.mean((v.astype(jnp.float32) - (eps - x0)) ** 2))
+    v = model.apply({"params": params}, objective.noise_latents(x0, eps, s), img_pos, txt, txt_mask, s)
+    return float(objective.flow_matching_loss(v, objective.velocity_target(x0, eps))[0])
 
 
 def caption_loss_gaps(model, params, batch: Dict[str, np.ndarray], sigmas: Sequence[float],
@@ -115,7 +115,7 @@ def attention_to_text(model, params, x0, img_pos, txt, txt_mask, focus, sigma: f
         raise ValueError("focus marks padded (invalid) text tokens")
     probe = model.clone(attention=RECORDING_KERNEL)
     eps = jax.random.normal(jax.random.key(seed), x0.shape, jnp.float32)
-    xt = (1.0 - sigma) * x0 + sigma * eps
+    xt = objective.noise_latents(x0, eps, sigma)
     with recorded_attention() as probs:
         out = probe.apply({"params": params}, xt, jnp.asarray(img_pos), jnp.asarray(txt), jnp.asarray(mask),
                           jnp.full((b,), sigma, jnp.float32))
