@@ -4,8 +4,9 @@ Variants:
   (default) stage1  512², global batch 3072, AdamW (0.9, 0.999), constant LR 2e-4, clip 1.0, mu = 1.06
   stage2            the 27 buckets (3 areas x 9 aspect ratios), per-device batch 24/10/6, LR 1e-4,
                     mu from 1.0 at 256 tokens to 1.3 at 4096
-  tiny              the CPU research loop: shapes world (brief captions), the shipped tiny VAE and text
-                    encoder, a small DiT; trains, samples and evaluates in ~7.5 minutes on 2 idle CPU cores
+  tiny              the CPU research loop: the token-aligned canonical shapes world (80 px, brief captions),
+                    the shipped tiny VAE and text encoder, a small DiT; trains, samples and evaluates in
+                    under 10 minutes on 2 idle CPU cores
 
   python -m lens_jax.main --config=experiments/pretrain.py:tiny --workdir=runs/tiny
 
@@ -15,16 +16,17 @@ pipeline and encodes every step's micro-batches online with the frozen VAE and t
 per_device_batch[area] x (data-parallel devices) images. source=shapes (tiny's default) encodes the shapes
 world once into an in-memory cache of config.batch_size-image batches.
 
-The tiny experiment from shards (64-px shapes-world shards, one 64 x 64 bucket, 64 images per step on one
-device, brief captions in 64 text tokens; ShapesEval still runs at the end):
+The tiny experiment from shards (80-px shards of the same token-aligned canonical world, one 80 x 80 bucket,
+64 images per step on one device, brief captions in 64 text tokens; ShapesEval still runs at the end):
 
-  python tools/build_shards.py --shapes_world=4096 --image_size=64 --out=/tmp/shapes_shards
+  python tools/build_shards.py --shapes_world=4096 --image_size=80 --out=/tmp/shapes_shards \
+      --shapes_world_options='{"layout": "canonical", "grid_span": 1.2, "jitter": 0, "side_fractions": [0.1375, 0.1625, 0.1875]}'
   python -m lens_jax.main --config=experiments/pretrain.py:tiny --config.data.source=shards \
       --config.data.path=/tmp/shapes_shards --workdir=runs/tiny_shards
 
   (several devices: per_device_batch is per device, e.g. --config.data.per_device_batch='(8,)' on 8 devices
-  for the same 64 images per step; mixed 64-px aspect ratios: --config.data.buckets=ar9 gives the 9 Lens
-  ratios at base side 64, 'ar9:32,48,64' three base areas with --config.data.per_device_batch='(a,b,c)')
+  for the same 64 images per step; mixed aspect ratios: --config.data.buckets=ar9 gives the 9 Lens ratios at
+  base side 80, 'ar9:32,48,80' three base areas with --config.data.per_device_batch='(a,b,c)')
 """
 import ml_collections
 
@@ -53,6 +55,7 @@ def get_config(arg=None):
         caption_dropout=0.1,        # whole-caption drop to zeros + all-false mask (CFG)
         num_examples=0,             # shapes world: examples encoded into the training cache
         image_size=64,              # shapes world: image side in pixels
+        world=base.shapes_world_config(),  # shapes world: layout and geometry (configs/base.py)
         max_text_tokens=0,          # > 0 truncates cached text features (after the offset strip); shards: the fixed
                                     # text length of every batch (cut or zero-padded; 0 = the text encoder's
                                     # max_length - txt_offset, e.g. 512 - 97 = 415 for GPT-OSS)
@@ -139,8 +142,15 @@ def get_config(arg=None):
         c.text_encoder.preset = "tiny"
         c.text_encoder.dtype = "float32"
         c.data.source = "shapes"
-        c.data.resolution = 64
-        c.data.image_size = 64
+        # The token-aligned canonical world (RESULTS.md, session 6): 80-px images = 5 x 5 DiT tokens; the 3 x 3
+        # cell centres are the centres of tokens 0, 2 and 4 (8, 40, 72 px), objects 11/13/15 px wide sit inside
+        # one token each, and the cells follow from the object count and caption order.
+        c.data.resolution = 80
+        c.data.image_size = 80
+        c.data.world.layout = "canonical"
+        c.data.world.grid_span = 1.2
+        c.data.world.jitter = 0.0
+        c.data.world.side_fractions = (11 / 80, 13 / 80, 15 / 80)
         c.data.caption = "brief"    # GenEval-style, in distribution with the eval prompts; ~45 text tokens
         c.data.num_examples = 12288
         c.batch_size = 64
@@ -157,7 +167,7 @@ def get_config(arg=None):
         c.sample_every = 400
         c.sample.num_steps = 20
         c.sample.guidance = 4.0
-        c.sample.height = c.sample.width = 64
+        c.sample.height = c.sample.width = 80
         c.sample.prompts = "a photo of a red circle;a photo of two blue squares;a photo of a green triangle left of a yellow circle"
         c.eval.enabled = True
         c.eval.prompts_per_task = 24

@@ -40,6 +40,7 @@ def get_config(arg=None):
         tokenizer_examples=3000,         # scenes whose captions train the sentencepiece model
         template_repeats=300,            # copies of the Harmony template text in the tokenizer corpus
         seed=0,                          # ShapesWorldConfig.seed
+        world=base.shapes_world_config(),  # layout and geometry (configs/base.py)
         brief_fraction=0.3,              # share of training batches made of brief (GenEval-like) captions
     ))
 

@@ -45,6 +45,7 @@ def get_config(arg=None):
         num_examples=8192,               # training set: example indices [0, num_examples)
         eval_examples=64,                # held-out images: indices [num_examples, num_examples + eval_examples)
         seed=0,                          # ShapesWorldConfig.seed
+        world=base.shapes_world_config(),  # layout and geometry (configs/base.py)
     ))
 
     c.optim = base.optim_config(lr=2e-3)

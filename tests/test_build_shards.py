@@ -212,6 +212,20 @@ def test_shapes_world_cli_round_trip(tmp_path, capsys):
         assert json.loads(r["meta"]) == json.loads(ex["metadata"])
 
 
+def test_shapes_world_cli_takes_the_world_options(tmp_path, capsys):
+    from lens_jax.data.synthetic import example, world_config
+    opts = {"layout": "canonical", "grid_span": 1.2, "jitter": 0, "side_fractions": [0.1375, 0.1625, 0.1875]}
+    out = tmp_path / "shapes"
+    assert cli.main(["--shapes_world=5", "--image_size=80", f"--shapes_world_options={json.dumps(opts)}",
+                     f"--out={out}", "--num_workers=1"]) == 0
+    cfg = world_config(opts, image_size=80, seed=0)
+    assert sw.read_manifest(str(out))["source"]["config"]["layout"] == "canonical"
+    for i, r in enumerate(_read_all(out)):
+        ex = example(i, cfg)
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")), ex["image"])
+        assert r["brief"] == ex["brief"] and json.loads(r["meta"]) == json.loads(ex["metadata"])
+
+
 def test_cli_errors(tmp_path, capsys):
     out = f"--out={tmp_path / 'out'}"
     (tmp_path / "empty").mkdir()
@@ -222,7 +236,10 @@ def test_cli_errors(tmp_path, capsys):
              (f"--images={tmp_path / 'blank'}",): "no input items",
              (f"--tar={tmp_path / 'none-*.tar'}",): "nothing matches",
              (): "exactly one input",
-             ("--shapes_world=3", f"--images={tmp_path}"): "exactly one input"}
+             ("--shapes_world=3", f"--images={tmp_path}"): "exactly one input",
+             ("--shapes_world=3", "--shapes_world_options={layout: 1}"): "not valid JSON",
+             ("--shapes_world=3", '--shapes_world_options={"layout": "spiral"}'): "unknown layout",
+             ("--shapes_world=3", '--shapes_world_options={"grid": 2}'): "unknown shapes-world option"}
     for args, msg in cases.items():
         assert cli.main([*args, out, "--num_workers=1"]) == 2, args
         assert msg in capsys.readouterr().err, args

@@ -63,7 +63,7 @@ def test_raw_source_matches_the_cache_examples():
     # the raw captions' valid tokens after the offset are the cache's text mask
     np.testing.assert_array_equal(raw.attention_mask[:, raw.txt_offset:], cache.mask)
     np.testing.assert_allclose(np.asarray(vae.encode_tokens(raw.pixels[:4].astype(np.float32) / 127.5 - 1.0)),
-                               cache.img[:4], rtol=0, atol=2e-4)   # batch-size-dependent conv sums
+                               cache.img[:4], rtol=1e-4, atol=2e-4)   # batch-size-dependent conv sums
 
 
 def test_pretrain_validate_rejects_online_shards_and_accumulated_shards():

@@ -95,6 +95,18 @@ def test_sample_phase_rejects_bad_prompts_and_sizes(tmp_path):
         sample.read_prompts(c.sample)
 
 
+def test_bad_shapes_world_options_fail_before_anything_loads():
+    from lens_jax.phases import pretrain
+    c = micro_config()
+    c.data.world.layout = "spiral"
+    with pytest.raises(ConfigError, match="config.data.world: unknown layout 'spiral'"):
+        pretrain.validate(c)
+    c = micro_config()
+    c.data.world.grid_span = 1.4                 # outer cells would cross the 80-px image border
+    with pytest.raises(ConfigError, match="crosses the image border"):
+        pretrain.validate(c)
+
+
 def test_latent_cache_order_is_a_function_of_seed_and_step():
     from lens_jax.data.latent_cache import EncodedDataset
     n = 10

@@ -109,6 +109,88 @@ def test_caption_relations_and_variety():
     assert any("left of" in t or "right of" in t for t in briefs)
 
 
+def test_relation_captions_name_the_pair_in_both_orders():
+    rng = np.random.default_rng(0)
+    a = sw.place_object("circle", "red", "medium", 0, 1, rng, CFG)
+    b = sw.place_object("square", "blue", "medium", 2, 1, rng, CFG)
+    scene = Scene([a, b], "white", 64)
+    briefs = {brief_caption(scene, np.random.default_rng(s)) for s in range(400)}
+    assert any("circle above a" in t for t in briefs) and any("square below a" in t for t in briefs)
+    assert not any("circle below" in t or "square above" in t for t in briefs)  # never the wrong way round
+
+
+def _scene_cells(cfg, n_scenes=600):
+    out = []
+    for i in range(n_scenes):
+        ex = example(i, cfg)
+        out.append((Scene.from_json(ex["metadata"]), ex["brief"], ex["image"]))
+    return out
+
+
+def test_canonical_layout_cells_follow_count_and_caption_order():
+    cfg = ShapesWorldConfig(layout="canonical", seed=1)
+    allowed = {n: {tuple(c) for c in opts} for n, opts in sw.CANONICAL_CELLS.items()}
+    pairs_seen = set()
+    for scene, brief, _ in _scene_cells(cfg):
+        cells = tuple((o.row, o.col) for o in scene.objects)
+        assert cells in allowed[len(scene.objects)], (cells, brief)
+        if len(cells) == 2:
+            pairs_seen.add(cells)
+        # caption order = reading order of the cells: the objects' words appear in that order
+        if not any(r in brief for r in sw.INVERSE_RELATION):  # relation captions may name the pair either way
+            names = [o.shape for o in scene.objects]
+            pos = [brief.index(nm) for nm in dict.fromkeys(names)]
+            assert pos == sorted(pos), (brief, names)
+    assert pairs_seen == allowed[2]  # side by side and stacked both occur
+    with pytest.raises(ValueError, match="at most 4"):
+        ShapesWorldConfig(layout="canonical", max_objects=5)
+    with pytest.raises(ValueError, match="unknown layout"):
+        ShapesWorldConfig(layout="spiral")
+
+
+def test_token_aligned_geometry_and_zero_jitter():
+    # 80 px, grid_span 1.2: cell centres at 8, 40, 72 px = the centres of 16-px tokens 0, 2 and 4.
+    cfg = ShapesWorldConfig(image_size=80, grid_span=1.2, jitter=0.0,
+                            side_fractions=(11 / 80, 13 / 80, 15 / 80), seed=2)
+    for scene, _, img in _scene_cells(cfg, 200):
+        assert img.shape == (80, 80, 3)
+        for o in scene.objects:
+            assert (o.cx, o.cy) == pytest.approx((8 + 32 * o.col, 8 + 32 * o.row))
+            assert min(abs(o.side - s) for s in (11, 13, 15)) < 1e-9
+            x0, y0, x1, y1 = o.bbox
+            assert 16 * (2 * o.col) <= x0 and x1 <= 16 * (2 * o.col + 1)  # inside its token
+    # the default geometry is unchanged: centres at 1/6, 1/2, 5/6 of the side plus jitter
+    rng = np.random.default_rng(0)
+    o = sw.place_object("circle", "red", "large", 2, 0, rng, ShapesWorldConfig(jitter=0.0))
+    assert (o.cx, o.cy, o.side) == pytest.approx((64 / 6, 5 * 64 / 6, 0.27 * 64))
+    with pytest.raises(ValueError, match="crosses the image border"):
+        ShapesWorldConfig(image_size=80, grid_span=1.3)
+    with pytest.raises(ValueError, match="does not fit a grid cell"):
+        ShapesWorldConfig(side_fractions=(0.18, 0.23, 0.33))
+    with pytest.raises(ValueError, match="jitter"):
+        ShapesWorldConfig(jitter=1.5)
+
+
+def test_count_weights():
+    import collections
+    cfg = ShapesWorldConfig(layout="canonical", count_weights=(6, 0, 1, 1), seed=4)
+    counts = collections.Counter(len(Scene.from_json(example(i, cfg)["metadata"]).objects) for i in range(800))
+    assert counts[2] == 0 and 0.68 < counts[1] / 800 < 0.82 and counts[3] > 50 and counts[4] > 50
+    for bad in ((1, 1), (1, -1, 1, 1), (0, 0, 0, 0)):
+        with pytest.raises(ValueError, match="count_weights"):
+            ShapesWorldConfig(count_weights=bad)
+
+
+def test_world_config_from_an_experiment_block():
+    from lens_jax.configs import base
+    block = base.shapes_world_config()
+    assert sw.world_config(block, image_size=64, seed=0) == ShapesWorldConfig(image_size=64, seed=0)
+    block.layout = "canonical"
+    assert sw.world_config(block, seed=3).layout == "canonical"
+    with pytest.raises(ValueError, match="unknown shapes-world option"):
+        sw.world_config({"layuot": "canonical"})
+
+
 def test_source_protocol():
     src = ShapesWorldSource(CFG, 10)
     assert len(src) == 10

@@ -6,7 +6,8 @@ Exactly one input:
                                         (default captions file: DIR/captions.jsonl)
   --tar=GLOB                            WebDataset-style tars (KEY.jpg + KEY.txt and/or KEY.json); repeatable
   --parquet=GLOB                        Parquet files (--image_column, --caption_column, ...); repeatable
-  --shapes_world=N                      N synthetic shapes-world examples (--image_size, --shapes_seed)
+  --shapes_world=N                      N synthetic shapes-world examples (--image_size, --shapes_seed,
+                                        --shapes_world_options)
 
 Examples:
   python tools/build_shards.py --images=/data/raw --out=/data/shards --num_workers=16
@@ -18,6 +19,7 @@ missing image files and malformed caption entries are skipped and counted. Rerun
 resumes an interrupted build (finished shards are kept). Exit status 2 on bad arguments or inputs.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -43,6 +45,10 @@ def parse_args(argv=None):
     sh = p.add_argument_group("shapes world")
     sh.add_argument("--image_size", type=int, default=64, help="shapes-world image side in pixels")
     sh.add_argument("--shapes_seed", type=int, default=0, help="shapes-world seed")
+    sh.add_argument("--shapes_world_options", default="",
+                    help="JSON object of shapes-world layout options (layout, grid_span, jitter, side_fractions), "
+                         "e.g. the tiny experiment's world: '{\"layout\": \"canonical\", \"grid_span\": 1.2, "
+                         "\"jitter\": 0, \"side_fractions\": [0.1375, 0.1625, 0.1875]}' with --image_size=80")
     p.add_argument("--out", required=True, help="output directory (shards, stats, build.json, manifest.json)")
     p.add_argument("--min_area", type=int, default=None,
                    help=f"drop images with width*height below this (default {sw.DEFAULT_MIN_AREA} = 384^2; "
@@ -72,7 +78,11 @@ def make_source(args) -> sw.InputSource:
         return sw.ParquetInput(args.parquet, image_column=args.image_column, caption_column=args.caption_column,
                                brief_column=args.brief_column, id_column=args.id_column,
                                meta_column=args.meta_column)
-    return sw.ShapesWorldInput(args.shapes_world, image_size=args.image_size, seed=args.shapes_seed)
+    try:
+        world = json.loads(args.shapes_world_options) if args.shapes_world_options else None
+    except json.JSONDecodeError as e:
+        raise sw.ShardBuildError(f"--shapes_world_options is not valid JSON: {e}") from e
+    return sw.ShapesWorldInput(args.shapes_world, image_size=args.image_size, seed=args.shapes_seed, world=world)
 
 
 def main(argv=None):

@@ -44,7 +44,7 @@ def main(argv):
 
     from lens_jax.configs.base import ConfigError
     from lens_jax.data.latent_cache import build_shapes_cache
-    from lens_jax.data.synthetic import COLORS, SHAPES, ShapesWorldConfig
+    from lens_jax.data.synthetic import COLORS, SHAPES, world_config
     from lens_jax.eval import conditioning
     from lens_jax.eval.shapes_eval import make_eval_prompts, render_prompt_ground_truth
     from lens_jax.phases.pretrain import _load_encoders, build_dit, restore_trained_params
@@ -76,7 +76,7 @@ def main(argv):
     for r in gaps:
         print(f"  {r['sigma']:5.2f}  {r['correct']:7.4f}  {r['shuffled']:8.4f}  {r['null']:6.4f}  {r['caption_gain']:+.4f}")
 
-    world = ShapesWorldConfig(image_size=config.data.image_size, seed=config.seed)
+    world = world_config(config.data.world, image_size=config.data.image_size, seed=config.seed)
     prompts = make_eval_prompts(world, seed=FLAGS.world_seed_offset, per_task=FLAGS.num_prompts)
     prompts = [p for p in prompts if p["tag"] == "colors"][:FLAGS.num_prompts]
     rng = np.random.default_rng(FLAGS.world_seed_offset)

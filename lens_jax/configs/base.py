@@ -90,6 +90,18 @@ def optim_config(lr: float) -> ml_collections.ConfigDict:
     ))
 
 
+def shapes_world_config() -> ml_collections.ConfigDict:
+    """Shapes-world geometry (`config.data.world`; lens_jax.data.synthetic.ShapesWorldConfig, RESULTS.md session 6)."""
+    return ml_collections.ConfigDict(dict(
+        layout="random",            # random: objects in random distinct cells of the 3x3 grid | canonical: the
+                                    # cells follow from the object count and caption order (synthetic.CANONICAL_CELLS)
+        grid_span=1.0,              # distance between cell centres / (image_size / 3); 1.2 on 80 px = token centres
+        jitter=1.0,                 # random offset within a cell, fraction of the largest (0 = cell centres)
+        side_fractions=(0.18, 0.23, 0.27),  # object side / image side for the small, medium and large sizes
+        count_weights=(),           # relative frequencies of 1, 2, 3, 4 objects per training scene; () = uniform
+    ))
+
+
 def timestep_config() -> ml_collections.ConfigDict:
     """Logit-normal sigma sampling; mu from the image-token count (LENS_SPEC §6.2)."""
     return ml_collections.ConfigDict(dict(

@@ -103,9 +103,9 @@ def encode_examples(images_and_captions, vae, encode_text: Callable, num_example
 
 def build_shapes_cache(config, vae, encode_text: Callable, chunk: int = 256) -> EncodedDataset:
     """Streams `config.data.num_examples` shapes-world examples through Grain and encodes them."""
-    from lens_jax.data.synthetic import ShapesWorldConfig, make_grain_dataset
+    from lens_jax.data.synthetic import make_grain_dataset, world_config
 
-    world = ShapesWorldConfig(image_size=config.data.image_size, seed=config.seed)
+    world = world_config(config.data.world, image_size=config.data.image_size, seed=config.seed)
     ds = make_grain_dataset(world, config.data.num_examples, chunk, seed=config.seed, caption=config.data.caption,
                             shuffle=False, num_epochs=1, drop_remainder=False)
     stream = ((b["image"], b["caption"]) for b in ds)

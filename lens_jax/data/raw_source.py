@@ -90,9 +90,9 @@ def tokenize_examples(images_and_captions, tokenizer, prompt_cfg, num_examples: 
 
 def build_shapes_raw(config, tokenizer, prompt_cfg, chunk: int = 256) -> RawDataset:
     """The same `config.data.num_examples` shapes-world examples as `build_shapes_cache`, kept raw."""
-    from lens_jax.data.synthetic import ShapesWorldConfig, make_grain_dataset
+    from lens_jax.data.synthetic import make_grain_dataset, world_config
 
-    world = ShapesWorldConfig(image_size=config.data.image_size, seed=config.seed)
+    world = world_config(config.data.world, image_size=config.data.image_size, seed=config.seed)
     ds = make_grain_dataset(world, config.data.num_examples, chunk, seed=config.seed, caption=config.data.caption,
                             shuffle=False, num_epochs=1, drop_remainder=False, image_format="uint8")
     stream = ((b["image"], b["caption"]) for b in ds)

@@ -484,12 +484,16 @@ class ShapesWorldInput(InputSource):
 
     kind = "shapes_world"
 
-    def __init__(self, num: int, image_size: int = 64, seed: int = 0):
-        from lens_jax.data.synthetic import ShapesWorldConfig
+    def __init__(self, num: int, image_size: int = 64, seed: int = 0, world: dict | None = None):
+        """``world``: layout and geometry options (``lens_jax.data.synthetic.WORLD_FIELDS``; None = defaults)."""
+        from lens_jax.data.synthetic import world_config
         if int(num) <= 0:
             raise ShardBuildError(f"--shapes_world needs a positive count, got {num}")
         self.num = int(num)
-        self.cfg = ShapesWorldConfig(image_size=int(image_size), seed=int(seed))
+        try:
+            self.cfg = world_config(world, image_size=int(image_size), seed=int(seed))
+        except (TypeError, ValueError) as e:
+            raise ShardBuildError(f"bad shapes-world options {world!r}: {e}") from e
 
     def describe(self):
         return {"kind": self.kind, "num": self.num, "config": dataclasses.asdict(self.cfg)}

@@ -8,10 +8,28 @@ Each example is a small RGB image (default 64x64) of 1-4 flat-coloured, non-over
 * a **brief** caption: a short GenEval-like phrase ("a red circle and two blue squares"),
 * the ground-truth metadata (JSON).
 
-Layout: the image is split into a 3x3 grid of cells; each object occupies its own cell (centre
-jittered slightly, always at least ``2 * cell_margin`` of the image side away from its neighbours),
-so objects never overlap or touch. Object sides are fractions of the image side (``SIZES``; the
-smallest is 0.18, i.e. > 1/6 of the image), so the world stays learnable by a tiny DiT at 64 px.
+Layout: objects sit on a 3x3 grid of cells, one object per cell (centre jittered slightly, always at
+least ``2 * cell_margin`` of the image side away from its neighbours), so objects never overlap or
+touch. Object sides are fractions of the image side (``ShapesWorldConfig.side_fractions``; by default
+``SIZES``, the smallest 0.18, i.e. > 1/6 of the image).
+
+Two layouts (``ShapesWorldConfig.layout``):
+
+* ``random`` (default): a scene's objects take random distinct cells.
+* ``canonical``: the cells follow from the scene's object count and the order in which its captions
+  name the objects (``CANONICAL_CELLS``): one object in the centre; a pair side by side (left, right)
+  or stacked (top, bottom); three in the middle row; four in the corners. Objects are ordered so that
+  the colour-shape groups and the shape groups of the captions list them in cell order, and a
+  relation caption names the pair in either order ("a circle left of a square" / "a square right of
+  a circle"). What an image shows then follows from its caption up to sizes, background and any
+  attribute the caption leaves out -- the world GenEval's prompts describe, without the layout
+  lottery that a random-cell world adds (RESULTS.md, session 6: a tiny DiT learns the random-cell
+  world's layout but not its words within the CPU budget).
+
+The cell geometry is configurable: ``grid_span`` scales the distance between cell centres (1.0: cells
+tile the image, centres at 1/6, 1/2 and 5/6 of the side; 1.2 on 80 px images puts the centres at 8, 40
+and 72 px, the centres of the DiT's 16-px tokens 0, 2 and 4), and ``jitter`` scales the random offset
+within a cell (0 = objects exactly at cell centres).
 
 Rendering is hard-edged (no anti-aliasing) by default, so every pixel of a ground-truth render is
 exactly a palette colour and the rule-based evaluator (``lens_jax.eval.shapes_eval``) classifies
@@ -72,6 +90,18 @@ SIZE_WORDS: dict[str, tuple[str, ...]] = {
 
 GRID = 3  # the image is a GRID x GRID lattice of cells, one object per cell at most
 
+#: Scene layouts (``ShapesWorldConfig.layout``).
+LAYOUTS = ("random", "canonical")
+
+#: The canonical layout's (row, col) cells by object count, in caption order; two objects are
+#: either side by side or stacked (chosen at random).
+CANONICAL_CELLS: dict[int, tuple[tuple[tuple[int, int], ...], ...]] = {
+    1: (((1, 1),),),
+    2: (((1, 0), (1, 2)), ((0, 1), (2, 1))),
+    3: (((1, 0), (1, 1), (1, 2)),),
+    4: (((0, 0), (0, 2), (2, 0), (2, 2)),),
+}
+
 #: Position phrase for each (row, col) grid cell.
 CELL_PHRASES: dict[tuple[int, int], tuple[str, ...]] = {
     (0, 0): ("in the upper left", "in the top left corner", "at the upper left"),
@@ -113,6 +143,15 @@ class ShapesWorldConfig:
       homogeneous_prob: probability that all objects of a multi-object scene share one shape
         (helps the counting task).
       cell_margin: minimum distance of an object from its cell border, fraction of image side.
+      layout: ``random`` (objects in random distinct cells) or ``canonical`` (cells follow from the
+        object count and caption order, ``CANONICAL_CELLS``; 1-4 objects).
+      grid_span: distance between neighbouring cell centres as a multiple of image_size / GRID.
+      jitter: random offset of an object within its cell as a fraction of the largest offset that
+        keeps it ``cell_margin`` inside the cell and inside the image (0 = at the cell centre).
+      side_fractions: object sides (circle diameters) of the (small, medium, large) sizes as
+        fractions of the image side.
+      count_weights: relative frequencies of the object counts min_objects..max_objects in
+        training scenes (() = uniform).
       antialias: supersampling factor for rendering (1 = hard edges, exact palette colours).
       seed: base seed; ``example(index, cfg)`` is a pure function of (seed, index).
     """
@@ -132,6 +171,11 @@ class ShapesWorldConfig:
     cell_margin: float = 0.02
     antialias: int = 1
     seed: int = 0
+    layout: str = "random"
+    grid_span: float = 1.0
+    jitter: float = 1.0
+    side_fractions: tuple[float, float, float] = tuple(SIZES.values())
+    count_weights: tuple[float, ...] = ()
 
     def __post_init__(self):
         for s in self.shapes:
@@ -145,9 +189,36 @@ class ShapesWorldConfig:
                 raise ValueError(f"unknown background {b!r}; known: {tuple(BACKGROUNDS)}")
         if not 1 <= self.min_objects <= self.max_objects <= GRID * GRID:
             raise ValueError("need 1 <= min_objects <= max_objects <= 9")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {self.layout!r}; known: {LAYOUTS}")
+        if self.layout == "canonical" and self.max_objects > max(CANONICAL_CELLS):
+            raise ValueError(f"the canonical layout holds at most {max(CANONICAL_CELLS)} objects; "
+                             f"got max_objects={self.max_objects}")
+        if len(self.side_fractions) != len(SIZES) or not all(0 < f < 1 for f in self.side_fractions):
+            raise ValueError(f"side_fractions needs {len(SIZES)} fractions in (0, 1) for {tuple(SIZES)}; "
+                             f"got {self.side_fractions!r}")
+        n_counts = self.max_objects - self.min_objects + 1
+        if self.count_weights and (len(self.count_weights) != n_counts or min(self.count_weights) < 0
+                                   or not sum(self.count_weights) > 0):
+            raise ValueError(f"count_weights needs {n_counts} non-negative weights (not all 0) for the counts "
+                             f"{self.min_objects}..{self.max_objects}; got {self.count_weights!r}")
+        if not self.grid_span > 0 or not 0 <= self.jitter <= 1:
+            raise ValueError(f"need grid_span > 0 and 0 <= jitter <= 1; got {self.grid_span}, {self.jitter}")
+        pitch = self.grid_span / GRID
         for s in self.sizes:
-            if SIZES[s] + 2 * self.cell_margin > 1.0 / GRID:
-                raise ValueError(f"size {s!r} does not fit a grid cell with margin {self.cell_margin}")
+            if s not in SIZES:
+                raise ValueError(f"unknown size {s!r}; known: {tuple(SIZES)}")
+            side = self.side_fraction(s)
+            if side + 2 * self.cell_margin > pitch:
+                raise ValueError(f"size {s!r} ({side:.3f} of the image) does not fit a grid cell of "
+                                 f"{pitch:.3f} with margin {self.cell_margin}")
+            if 0.5 - (GRID - 1) / 2 * pitch - side / 2 < -1e-9:
+                raise ValueError(f"size {s!r} ({side:.3f} of the image) in an outer cell crosses the image "
+                                 f"border with grid_span {self.grid_span}")
+
+    def side_fraction(self, size: str) -> float:
+        """Side (circle diameter) of an object of ``size`` as a fraction of the image side."""
+        return float(self.side_fractions[tuple(SIZES).index(size)])
 
     @property
     def active_heldout(self) -> tuple[tuple[str, str], ...]:
@@ -163,6 +234,27 @@ class ShapesWorldConfig:
         if not out:
             raise ValueError(f"every colour of {shape!r} is held out")
         return out
+
+
+#: ShapesWorldConfig fields an experiment sets in its ``config.data.world`` block.
+WORLD_FIELDS = ("layout", "grid_span", "jitter", "side_fractions", "count_weights")
+
+
+def world_config(world=None, **fields) -> ShapesWorldConfig:
+    """A ``ShapesWorldConfig`` from an experiment's ``config.data.world`` block plus explicit ``fields``.
+
+    ``world``: a mapping (e.g. an ml_collections ConfigDict) with keys from ``WORLD_FIELDS``, or None for
+    the defaults. ``fields``: the other ShapesWorldConfig fields (image_size, seed, ...). Unknown keys and
+    invalid values raise ``ValueError`` naming them.
+    """
+    world = dict(world or {})
+    unknown = sorted(set(world) - set(WORLD_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown shapes-world option(s) {unknown}; known: {WORLD_FIELDS}")
+    for key in ("side_fractions", "count_weights"):
+        if key in world:
+            world[key] = tuple(float(f) for f in world[key])
+    return ShapesWorldConfig(**fields, **world)
 
 
 @dataclass
@@ -228,32 +320,55 @@ class Scene:
 def place_object(shape: str, color: str, size: str, row: int, col: int,
                  rng: np.random.Generator, cfg: ShapesWorldConfig) -> SceneObject:
     """Create an object of the given attributes in grid cell (row, col) with a random jitter
-    that keeps it at least ``cfg.cell_margin * image_size`` pixels inside its cell."""
+    (``cfg.jitter`` of the largest) that keeps it at least ``cfg.cell_margin * image_size`` pixels
+    inside its cell and inside the image."""
     S = cfg.image_size
-    cell = S / GRID
-    side = SIZES[size] * S
-    max_jit = max(0.0, (cell - side) / 2 - cfg.cell_margin * S)
+    pitch = S * cfg.grid_span / GRID
+    side = cfg.side_fraction(size) * S
+    edge_gap = (S - GRID * pitch) / 2 + pitch / 2 - side / 2      # outer object edge to the image border
+    max_jit = max(0.0, min((pitch - side) / 2 - cfg.cell_margin * S, edge_gap)) * cfg.jitter
     jx, jy = rng.uniform(-max_jit, max_jit, size=2) if max_jit > 0 else (0.0, 0.0)
-    return SceneObject(shape=shape, color=color, size=size, cx=float((col + 0.5) * cell + jx),
-                       cy=float((row + 0.5) * cell + jy), side=float(side), row=row, col=col)
+    border = (S - GRID * pitch) / 2                                  # 0 when the cells tile the image
+    cx = border + (col + 0.5) * pitch + jx
+    cy = border + (row + 0.5) * pitch + jy
+    return SceneObject(shape=shape, color=color, size=size, cx=float(cx), cy=float(cy), side=float(side),
+                       row=row, col=col)
 
 
 def sample_scene(rng: np.random.Generator, cfg: ShapesWorldConfig, training: bool = True) -> Scene:
     """Sample a random training scene: 1..max_objects objects in distinct grid cells.
 
     With ``training=True`` (and ``cfg.exclude_heldout``) held-out colour-shape combinations are
-    never produced.
+    never produced. ``cfg.layout`` chooses the cells (module docstring); objects are returned in
+    reading order (row, then column).
     """
-    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-    cells = rng.choice(GRID * GRID, size=n, replace=False)
+    if cfg.count_weights:
+        w = np.asarray(cfg.count_weights, np.float64)
+        n = cfg.min_objects + int(rng.choice(len(w), p=w / w.sum()))
+    else:
+        n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    cells = rng.choice(GRID * GRID, size=n, replace=False) if cfg.layout == "random" else None
     homogeneous = n > 1 and rng.random() < cfg.homogeneous_prob
     common_shape = str(rng.choice(cfg.shapes))
-    objs = []
-    for c in cells:
+
+    def attributes():
         shape = common_shape if homogeneous else str(rng.choice(cfg.shapes))
-        color = str(rng.choice(cfg.allowed_colors(shape, training)))
-        size = str(rng.choice(cfg.sizes))
-        objs.append(place_object(shape, color, size, int(c) // GRID, int(c) % GRID, rng, cfg))
+        return shape, str(rng.choice(cfg.allowed_colors(shape, training))), str(rng.choice(cfg.sizes))
+
+    if cells is not None:
+        objs = [place_object(*attributes(), int(c) // GRID, int(c) % GRID, rng, cfg) for c in cells]
+    else:
+        attrs = [attributes() for _ in range(n)]
+        # Caption order = cell order: group by shape (first appearance), then by colour-shape.
+        shape_rank: dict[str, int] = {}
+        pair_rank: dict[tuple[str, str], int] = {}
+        for shape, color, _ in attrs:
+            shape_rank.setdefault(shape, len(shape_rank))
+            pair_rank.setdefault((shape, color), len(pair_rank))
+        attrs.sort(key=lambda a: (shape_rank[a[0]], pair_rank[(a[0], a[1])]))
+        options = CANONICAL_CELLS[n]
+        layout = options[int(rng.integers(len(options)))]
+        objs = [place_object(*a, row, col, rng, cfg) for a, (row, col) in zip(attrs, layout)]
     objs.sort(key=lambda o: (o.row, o.col))
     return Scene(objects=objs, background=str(rng.choice(cfg.backgrounds)), image_size=cfg.image_size)
 
@@ -431,7 +546,7 @@ def dense_caption(scene: Scene, rng: np.random.Generator) -> str:
     for o in objs:
         size_w = _choice(rng, SIZE_WORDS[o.size])
         pos = _choice(rng, CELL_PHRASES[(o.row, o.col)])
-        frac = SIZES[o.size]
+        frac = o.side / scene.image_size
         desc = f"{size_w} {o.color} {o.shape}"
         extent = _choice(rng, (
             f", roughly {int(round(frac * 100))} percent of the image width across",
@@ -491,13 +606,17 @@ def _unique_names(objs: Sequence[SceneObject]) -> list[str]:
 
 BRIEF_PREFIXES = ("", "", "a photo of ", "an image of ", "a picture of ")
 
+#: "A <rel> B" <=> "B <INVERSE_RELATION[rel]> A".
+INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
 
 def brief_caption(scene: Scene, rng: np.random.Generator) -> str:
     """Short GenEval-like caption, e.g. "a red circle and two blue squares".
 
     Variants (chosen by ``rng``): colour+shape groups, shape-only groups, a relation phrase for
-    two-object scenes ("a red circle left of a blue square"), an optional prefix ("a photo of")
-    and an optional background suffix.
+    two-object scenes naming the pair in either order ("a red circle left of a blue square" / "a
+    blue square right of a red circle"), an optional prefix ("a photo of") and an optional
+    background suffix.
     """
     objs = scene.objects
     mode = rng.random()
@@ -506,6 +625,8 @@ def brief_caption(scene: Scene, rng: np.random.Generator) -> str:
         rel = sorted(relative_position(a.bbox, b.bbox))
         if rel:
             r = _choice(rng, rel)
+            if rng.random() < 0.5:
+                a, b, r = b, a, INVERSE_RELATION[r]
             na, nb = f"{a.color} {a.shape}", f"{b.color} {b.shape}"
             if rng.random() < 0.3:
                 na, nb = a.shape, b.shape

@@ -18,12 +18,12 @@ import numpy as np
 
 
 def evaluate_shapes(pipeline, config, outdir: str) -> dict:
-    from lens_jax.data.synthetic import ShapesWorldConfig
+    from lens_jax.data.synthetic import world_config
     from lens_jax.eval.shapes_eval import evaluate, make_eval_prompts, save_grid
 
     e = config.eval
     os.makedirs(outdir, exist_ok=True)
-    world = ShapesWorldConfig(image_size=config.data.image_size, seed=config.seed)
+    world = world_config(config.data.world, image_size=config.data.image_size, seed=config.seed)
     prompts = make_eval_prompts(world, seed=e.seed, per_task=e.prompts_per_task or None)
     k = e.samples_per_prompt
     texts = [p["prompt"] for p in prompts for _ in range(k)]

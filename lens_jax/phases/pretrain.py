@@ -75,6 +75,11 @@ def validate(config) -> None:
                               f"config.grad_accum_steps={k}")
         if d.image_size % 16:
             raise ConfigError(f"config.data.image_size={d.image_size} must be a multiple of 16")
+        from lens_jax.data.synthetic import world_config
+        try:
+            world_config(d.world, image_size=int(d.image_size), seed=int(config.seed))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.data.world: {e}") from None
         if config.batch_size <= 0:
             raise ConfigError("config.batch_size must be positive")
         if d.num_examples < config.batch_size:

@@ -371,7 +371,7 @@ def run(config, workdir: str) -> Dict[str, Any]:
     validate(config)
     t_start = time.time()
     out_dir = os.path.abspath(config.output_dir or os.path.join(workdir, "text_encoder"))
-    world = synthetic.ShapesWorldConfig(seed=config.data.seed)
+    world = synthetic.world_config(config.data.world, seed=config.data.seed)
     d = config.data
 
     # 1. Captions.

@@ -85,7 +85,7 @@ def validate(config) -> VAEConfig:
 
 
 def shapes_config(config) -> synthetic.ShapesWorldConfig:
-    return synthetic.ShapesWorldConfig(image_size=int(config.data.image_size), seed=int(config.data.seed))
+    return synthetic.world_config(config.data.world, image_size=int(config.data.image_size), seed=int(config.data.seed))
 
 
 # ----------------------------------------------------------------------------------------------------
