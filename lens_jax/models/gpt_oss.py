@@ -335,13 +335,17 @@ class GptOssDecoderLayer(nn.Module):
         return constrain(x, ("act_batch", "act_seq", "act_embed"))
 
 
+#: Standard deviation of the token-embedding initialiser (the HF GPT-OSS initializer_range).
+EMBEDDING_INIT_STD = 0.02
+
+
 def embed_tokens(module: nn.Module, config: GptOssConfig, input_ids: jax.Array, valid: jax.Array) -> jax.Array:
     """Token embedding [B, S, hidden] in `module.dtype`, zero at padded positions.
 
     Creates the `embedding` parameter [vocab, hidden] on `module` (call from a compact method), so the
     encoder and the LM wrapper share one name, initialiser and logical axes.
     """
-    emb = module.param("embedding", logical(nn.initializers.normal(0.02), ("vocab", "embed")),
+    emb = module.param("embedding", logical(nn.initializers.normal(EMBEDDING_INIT_STD), ("vocab", "embed")),
                        (config.vocab_size, config.hidden_size), module.param_dtype)
     # Clip ids (jnp.take would fill out-of-range ids with NaN) and zero padded positions.
     x = jnp.take(emb, jnp.clip(input_ids.astype(jnp.int32), 0, config.vocab_size - 1), axis=0)

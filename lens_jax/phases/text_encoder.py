@@ -45,7 +45,7 @@ from absl import logging
 from lens_jax.checkpoints import orbax_io
 from lens_jax.configs.base import ConfigError
 from lens_jax.data import synthetic
-from lens_jax.models.gpt_oss import GptOssConfig, GptOssEncoder, gpt_oss_config
+from lens_jax.models.gpt_oss import EMBEDDING_INIT_STD, GptOssConfig, GptOssEncoder, gpt_oss_config
 from lens_jax.models.gpt_oss_lm import GptOssLM, encoder_params, lm_head_params, next_token_loss
 from lens_jax.text.harmony import HARMONY_SPECIAL_TOKENS, PAD_TOKEN, render_prefix, render_prompt, render_suffix
 from lens_jax.text.prompt_encoding import PromptEncodingConfig, load_tokenizer, resolve_pad_id, tokenize_prompts
@@ -84,6 +84,8 @@ def validate(config) -> None:
     min_vocab = len(HARMONY_SPECIAL_TOKENS) + 2 + (256 if t.byte_fallback else 0) + 16
     if t.vocab_size < min_vocab:
         raise ConfigError(f"config.tokenizer.vocab_size={t.vocab_size} is too small; need >= {min_vocab}")
+    if not config.embedding_init_std > 0:
+        raise ConfigError(f"config.embedding_init_std={config.embedding_init_std} must be > 0")
     if len(tuple(config.model.selected_layers)) != 4:
         raise ConfigError(f"config.model.selected_layers={tuple(config.model.selected_layers)}: the Lens DiT reads "
                           "exactly 4 encoder layers")
@@ -409,6 +411,8 @@ def run(config, workdir: str) -> Dict[str, Any]:
     model = GptOssLM(mcfg)
     dummy = jnp.zeros((1, 8), jnp.int32)
     params = nn.meta.unbox(model.init(jax.random.key(config.seed), dummy, jnp.ones((1, 8), bool))["params"])
+    # Larger token embeddings keep each word's identity a large part of the residual stream the DiT reads.
+    params["embedding"] = params["embedding"] * (config.embedding_init_std / EMBEDDING_INIT_STD)
     enc_abstract = nn.meta.unbox(jax.eval_shape(GptOssEncoder(mcfg).init, jax.random.key(0), dummy,
                                                 jnp.ones((1, 8), bool))["params"])
     enc_shapes = jax.tree.map(lambda x: (x.shape, x.dtype), encoder_params(params, mcfg))
