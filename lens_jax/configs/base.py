@@ -91,15 +91,17 @@ def optim_config(lr: float) -> ml_collections.ConfigDict:
 
 
 def shapes_world_config() -> ml_collections.ConfigDict:
-    """Shapes-world geometry (`config.data.world`; lens_jax.data.synthetic.ShapesWorldConfig, RESULTS.md session 6)."""
-    return ml_collections.ConfigDict(dict(
-        layout="random",            # random: objects in random distinct cells of the 3x3 grid | canonical: the
-                                    # cells follow from the object count and caption order (synthetic.CANONICAL_CELLS)
-        grid_span=1.0,              # distance between cell centres / (image_size / 3); 1.2 on 80 px = token centres
-        jitter=1.0,                 # random offset within a cell, fraction of the largest (0 = cell centres)
-        side_fractions=(0.18, 0.23, 0.27),  # object side / image side for the small, medium and large sizes
-        count_weights=(),           # relative frequencies of 1, 2, 3, 4 objects per training scene; () = uniform
-    ))
+    """Shapes-world layout and geometry (`config.data.world`), defaulting to ShapesWorldConfig's random world.
+
+    layout: random (random distinct cells of the 3x3 grid) | canonical (cells follow from the object count and
+    caption order); grid_span: distance between cell centres / (image_size / 3); jitter: offset within a cell as
+    a fraction of the largest (0 = cell centres); side_fractions: object side / image side for the small, medium
+    and large sizes; count_weights: relative frequencies of 1..4 objects per training scene (() = uniform).
+    See lens_jax/data/synthetic.py and RESULTS.md (session 6).
+    """
+    from lens_jax.data.synthetic import WORLD_FIELDS, ShapesWorldConfig
+    defaults = ShapesWorldConfig()
+    return ml_collections.ConfigDict({f: getattr(defaults, f) for f in WORLD_FIELDS})
 
 
 def timestep_config() -> ml_collections.ConfigDict:
