@@ -22,7 +22,7 @@ The tiny experiment from shards (80-px shards of the same token-aligned canonica
   python tools/build_shards.py --shapes_world=4096 --image_size=80 --out=/tmp/shapes_shards \
       --shapes_world_options='{"layout": "canonical", "grid_span": 1.2, "jitter": 0, "side_fractions": [0.1375, 0.1625, 0.1875]}'
   python -m lens_jax.main --config=experiments/pretrain.py:tiny --config.data.source=shards \
-      --config.data.path=/tmp/shapes_shards --workdir=runs/tiny_shards
+      --config.data.path=/tmp/shapes_shards --config.data.max_text_tokens=64 --workdir=runs/tiny_shards
 
   (several devices: per_device_batch is per device, e.g. --config.data.per_device_batch='(8,)' on 8 devices
   for the same 64 images per step; mixed aspect ratios: --config.data.buckets=ar9 gives the 9 Lens ratios at
@@ -174,11 +174,10 @@ def get_config(arg=None):
         c.eval.samples_per_prompt = 4
         c.eval.guidance = 4.0
         c.eval.num_steps = 20
-        # For --config.data.source=shards (shapes-world shards, see the module docstring): 64 x 64 images (no
-        # minimum area) and 64 images per step on one device, like batch_size (both read only by the shard
-        # pipeline); a fixed 64-token text length for the brief captions (<= 45 tokens; the cache keeps its
-        # longest caption's length, so this does not change the default run).
+        # For --config.data.source=shards (shapes-world shards, see the module docstring): no minimum area and
+        # 64 images per step on one device, like batch_size (both read only by the shard pipeline). The text
+        # length stays 0 (the cache keeps its longest caption whole, dense ones included); shards want a fixed
+        # length: --config.data.max_text_tokens=64 fits the brief captions (<= 45 tokens).
         c.data.min_area = 0
         c.data.per_device_batch = (64,)
-        c.data.max_text_tokens = 64
     return c

@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The shards below are 64 px (the tiny default reads 80-px shards of its token-aligned world; any size works).
 TINY = ["--config=experiments/pretrain.py:tiny", "--config.data.source=shards", "--config.data.per_device_batch=(4,)",
         "--config.data.resolution=64", "--config.data.image_size=64", "--config.sample.height=64",
-        "--config.sample.width=64",
+        "--config.sample.width=64", "--config.data.max_text_tokens=64",
         "--config.num_steps=6", "--config.checkpoint_every=2", "--config.log_every=1", "--config.eval.enabled=False",
         "--config.sample_every=0", "--config.sample.prompts=", "--config.tensorboard=False",
         "--config.data.num_threads=1", "--config.data.prefetch=8"]

@@ -107,6 +107,26 @@ def test_bad_shapes_world_options_fail_before_anything_loads():
         pretrain.validate(c)
 
 
+def test_latent_cache_says_when_it_cuts_captions():
+    from types import SimpleNamespace
+    from lens_jax.data.latent_cache import encode_examples
+    from lens_jax.text.prompt_encoding import TextFeatures
+
+    def encode_text(captions):             # valid length = number of words
+        n = np.array([len(c.split()) for c in captions])
+        mask = np.arange(n.max())[None] < n[:, None]
+        return TextFeatures(np.ones(mask.shape + (3,), np.float32) * mask[..., None], mask)
+
+    vae = SimpleNamespace(encode_tokens=lambda x: np.zeros((len(x), 4, 2), np.float32))
+    chunks = [(np.zeros((2, 32, 32, 3), np.float32), ["a b c", "a b c d e f"])]
+    logs = []
+    ds = encode_examples(iter(chunks), vae, encode_text, 2, max_text_tokens=4, log=logs.append)
+    assert ds.txt.shape[1] == 4 and "cut 1 of 2 captions to max_text_tokens=4" in " ".join(logs)
+    logs.clear()
+    ds = encode_examples(iter(chunks), vae, encode_text, 2, max_text_tokens=0, log=logs.append)
+    assert ds.txt.shape[1] == 6 and not any("cut" in l for l in logs)
+
+
 def test_latent_cache_order_is_a_function_of_seed_and_step():
     from lens_jax.data.latent_cache import EncodedDataset
     n = 10

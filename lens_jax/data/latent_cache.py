@@ -89,6 +89,10 @@ def encode_examples(images_and_captions, vae, encode_text: Callable, num_example
             log(f"  encoded {count}/{num_examples}")
     longest = max(int(m.sum(1).max()) for m in masks)
     length = longest if max_text_tokens <= 0 else min(longest, max_text_tokens)
+    cut = sum(int((m.sum(1) > length).sum()) for m in masks)
+    if cut:
+        log(f"  cut {cut} of {count} captions to max_text_tokens={max_text_tokens} text tokens (longest {longest}); "
+            "--config.data.max_text_tokens=0 keeps them whole")
 
     def fit(a, n):   # chunks may have different text lengths: cut or zero-pad to n
         a = a[:, :n]
