@@ -214,12 +214,14 @@ def test_shapes_world_cli_round_trip(tmp_path, capsys):
 
 def test_shapes_world_cli_takes_the_world_options(tmp_path, capsys):
     from lens_jax.data.synthetic import example, world_config
-    opts = {"layout": "canonical", "grid_span": 1.2, "jitter": 0, "side_fractions": [0.1375, 0.1625, 0.1875]}
+    opts = {"layout": "canonical", "grid_span": 1.2, "jitter": 0, "side_fractions": [0.1375, 0.1625, 0.1875],
+            "backgrounds": ["white"], "sizes": ["medium"]}
     out = tmp_path / "shapes"
     assert cli.main(["--shapes_world=5", "--image_size=80", f"--shapes_world_options={json.dumps(opts)}",
                      f"--out={out}", "--num_workers=1"]) == 0
     cfg = world_config(opts, image_size=80, seed=0)
-    assert sw.read_manifest(str(out))["source"]["config"]["layout"] == "canonical"
+    manifest_world = sw.read_manifest(str(out))["source"]["config"]
+    assert manifest_world["layout"] == "canonical" and list(manifest_world["backgrounds"]) == ["white"]
     for i, r in enumerate(_read_all(out)):
         ex = example(i, cfg)
         np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")), ex["image"])

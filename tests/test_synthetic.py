@@ -191,6 +191,24 @@ def test_world_config_from_an_experiment_block():
         sw.world_config({"layuot": "canonical"})
 
 
+def test_world_config_restricts_backgrounds_and_sizes():
+    """The tiny experiment's one-background, one-size world: every training scene uses them, the dense caption
+    names them, and bad values fail with the option's name."""
+    cfg = sw.world_config({"backgrounds": ["white"], "sizes": ("medium",)}, image_size=64, seed=0)
+    assert cfg.backgrounds == ("white",) and cfg.sizes == ("medium",)
+    for i in range(40):
+        scene = Scene.from_json(example(i, cfg)["metadata"])
+        assert scene.background == "white"
+        assert {o.size for o in scene.objects} == {"medium"}
+    assert "white background" in example(0, cfg)["dense"]
+    with pytest.raises(ValueError, match="backgrounds"):
+        sw.world_config({"backgrounds": "white"})
+    with pytest.raises(ValueError, match="unknown background"):
+        sw.world_config({"backgrounds": ["beige"]})
+    with pytest.raises(ValueError, match="sizes"):
+        sw.world_config({"sizes": []})
+
+
 def test_source_protocol():
     src = ShapesWorldSource(CFG, 10)
     assert len(src) == 10

@@ -96,8 +96,9 @@ def shapes_world_config() -> ml_collections.ConfigDict:
     layout: random (random distinct cells of the 3x3 grid) | canonical (cells follow from the object count and
     caption order); grid_span: distance between cell centres / (image_size / 3); jitter: offset within a cell as
     a fraction of the largest (0 = cell centres); side_fractions: object side / image side for the small, medium
-    and large sizes; count_weights: relative frequencies of 1..4 objects per training scene (() = uniform).
-    See lens_jax/data/synthetic.py and RESULTS.md (session 6).
+    and large sizes; count_weights: relative frequencies of 1..4 objects per training scene (() = uniform);
+    backgrounds / sizes: the background colours and object sizes training scenes draw from.
+    See lens_jax/data/synthetic.py and RESULTS.md (sessions 6-7).
     """
     from lens_jax.data.synthetic import WORLD_FIELDS, ShapesWorldConfig
     defaults = ShapesWorldConfig()

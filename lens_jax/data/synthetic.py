@@ -237,7 +237,7 @@ class ShapesWorldConfig:
 
 
 #: ShapesWorldConfig fields an experiment sets in its ``config.data.world`` block.
-WORLD_FIELDS = ("layout", "grid_span", "jitter", "side_fractions", "count_weights")
+WORLD_FIELDS = ("layout", "grid_span", "jitter", "side_fractions", "count_weights", "backgrounds", "sizes")
 
 
 def world_config(world=None, **fields) -> ShapesWorldConfig:
@@ -254,6 +254,11 @@ def world_config(world=None, **fields) -> ShapesWorldConfig:
     for key in ("side_fractions", "count_weights"):
         if key in world:
             world[key] = tuple(float(f) for f in world[key])
+    for key in ("backgrounds", "sizes"):
+        if key in world:
+            if isinstance(world[key], str) or not world[key]:
+                raise ValueError(f"shapes-world option {key} needs a non-empty list of names; got {world[key]!r}")
+            world[key] = tuple(str(n) for n in world[key])
     return ShapesWorldConfig(**fields, **world)
 
 
