@@ -46,7 +46,7 @@ def parse_args(argv=None):
     sh.add_argument("--image_size", type=int, default=64, help="shapes-world image side in pixels")
     sh.add_argument("--shapes_seed", type=int, default=0, help="shapes-world seed")
     sh.add_argument("--shapes_world_options", default="",
-                    help="JSON object of shapes-world layout options (layout, grid_span, jitter, side_fractions), "
+                    help="JSON object of shapes-world options (keys: lens_jax.data.synthetic.WORLD_FIELDS), "
                          "e.g. the tiny experiment's world: '{\"layout\": \"canonical\", \"grid_span\": 1.2, "
                          "\"jitter\": 0, \"side_fractions\": [0.1375, 0.1625, 0.1875]}' with --image_size=80")
     p.add_argument("--out", required=True, help="output directory (shards, stats, build.json, manifest.json)")

@@ -184,6 +184,9 @@ class ShapesWorldConfig:
         for c in self.colors:
             if c not in COLORS:
                 raise ValueError(f"unknown colour {c!r}; known: {tuple(COLORS)}")
+        for name in ("shapes", "colors", "backgrounds", "sizes"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} needs at least one name; got {getattr(self, name)!r}")
         for b in tuple(self.backgrounds) + (self.eval_background,):
             if b not in BACKGROUNDS:
                 raise ValueError(f"unknown background {b!r}; known: {tuple(BACKGROUNDS)}")
@@ -256,8 +259,8 @@ def world_config(world=None, **fields) -> ShapesWorldConfig:
             world[key] = tuple(float(f) for f in world[key])
     for key in ("backgrounds", "sizes"):
         if key in world:
-            if isinstance(world[key], str) or not world[key]:
-                raise ValueError(f"shapes-world option {key} needs a non-empty list of names; got {world[key]!r}")
+            if isinstance(world[key], str):
+                raise ValueError(f"shapes-world option {key} needs a list of names; got {world[key]!r}")
             world[key] = tuple(str(n) for n in world[key])
     return ShapesWorldConfig(**fields, **world)
 
