@@ -130,6 +130,31 @@ def test_a_broken_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     ckpt.close()
 
 
+def test_a_checkpoint_of_another_model_config_is_an_error_and_stays_in_place(tmp_path):
+    d = tmp_path / "checkpoints"
+    ckpt = TrainCheckpointer(str(d))
+    blocks = {f"blocks_{i}": {"kernel": jnp.ones((3, 2))} for i in range(2)}        # an unrolled model
+    ckpt.save(3, {"params": blocks, "step": jnp.asarray(3)}, "{}", data_state={"step": 3})
+    ckpt.close()
+
+    def abstract(params):
+        tree = {"params": params, "step": jnp.asarray(0)}
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+    scanned = {"blocks": {"kernel": jnp.ones((2, 3, 2))}}                               # the same, nn.scan-stacked
+    wider = {f"blocks_{i}": {"kernel": jnp.ones((3, 4))} for i in range(2)}
+    ckpt = TrainCheckpointer(str(d))
+    with pytest.raises(ConfigError, match=r"lacks blocks; it holds blocks_0, blocks_1, which this config"):
+        ckpt.restore_latest(abstract(scanned), log=lambda *_: None)
+    with pytest.raises(ConfigError, match=r"shapes differ \(checkpoint vs config\): blocks_0/kernel \(3, 2\) "
+                                          r"vs \(3, 4\)"):
+        ckpt.restore(3, abstract(wider))
+    assert ckpt.all_steps() == [3] and not os.path.exists(str(d) + ".corrupt")       # nothing moved aside
+    step, state, _ = ckpt.restore_latest(abstract(blocks))                              # the right config restores
+    assert step == 3 and float(state["params"]["blocks_1"]["kernel"][0, 0]) == 1.0
+    ckpt.close()
+
+
 def test_resume_order_workdir_then_resume_from_then_init_from_then_scratch(setup8, tmp_path):
     from lens_jax.checkpoints import orbax_io
     s = setup8

@@ -14,7 +14,9 @@ written in the background); `wait()` blocks until the last one is on disk.
 Restoring targets the *current* mesh's abstract state (ShapeDtypeStructs carrying shardings), so a run
 saved on 8 devices resumes on 4 or 1. `restore_latest` walks back from the newest step: a step that
 fails to restore (for example a truncated file) is reported with a warning, moved aside into
-`<directory>.corrupt/` (never in read-only mode) and the previous step is tried. With
+`<directory>.corrupt/` (never in read-only mode) and the previous step is tried. A readable step whose
+parameters are not the ones the current config builds (another preset, `scan_layers`, ...) is not damage:
+restoring it raises `CheckpointMismatchError` and leaves it in place. With
 `cleanup_tmp=True` (the training run) half-written steps left by a killed process are removed when the
 manager is created.
 """
@@ -33,12 +35,54 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
+from lens_jax.configs.base import ConfigError
+
 ITEMS = ("state", "data_iter", "config")
 
 
 def _any_process(flag: bool) -> bool:
     from lens_jax.train.distributed import any_process
     return any_process(flag)
+
+
+class CheckpointMismatchError(ConfigError):
+    """A readable checkpoint whose parameters are not the ones this config builds (another model config).
+
+    Not corruption: `restore_latest` raises it instead of moving the step aside and falling back.
+    """
+
+
+def _param_shapes(tree) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
+    """{path under 'params' (tuple of keys): shape} of a train-state tree or its Orbax metadata."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree.get("params", {})):
+        keys = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+        out[keys] = tuple(int(d) for d in (getattr(leaf, "shape", None) or ()))
+    return out
+
+
+def params_mismatch(saved: Dict[Tuple[str, ...], Tuple[int, ...]],
+                    wanted: Dict[Tuple[str, ...], Tuple[int, ...]], limit: int = 4) -> Optional[str]:
+    """How the saved parameter paths/shapes differ from the wanted ones (None if they agree), e.g.
+    'missing: transformer_blocks_0 ... (4 modules); not built by this config: transformer_blocks'."""
+    def modules(paths):   # the top-level parameter modules the paths belong to, in order
+        return sorted({p[0] for p in paths})
+
+    def names(mods):
+        return ", ".join(mods[:limit]) + (f" ... ({len(mods)} modules)" if len(mods) > limit else "")
+
+    parts = []
+    missing, extra = modules(set(wanted) - set(saved)), modules(set(saved) - set(wanted))
+    if missing:
+        parts.append(f"the checkpoint lacks {names(missing)}")
+    if extra:
+        parts.append(f"it holds {names(extra)}, which this config does not build")
+    shapes = [f"{'/'.join(k)} {saved[k]} vs {wanted[k]}" for k in sorted(set(saved) & set(wanted))
+              if saved[k] != wanted[k]]
+    if shapes:
+        parts.append("shapes differ (checkpoint vs config): " + "; ".join(shapes[:limit])
+                     + (f" ... ({len(shapes)} arrays)" if len(shapes) > limit else ""))
+    return "; ".join(parts) or None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,13 +200,33 @@ class TrainCheckpointer:
         return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     # -- restore --------------------------------------------------------------------------------------
+    def check_params(self, step: int, abstract_state: Any) -> None:
+        """Raises CheckpointMismatchError if `step`'s saved parameters (paths and shapes, from the
+        checkpoint's metadata) are not those of `abstract_state`, i.e. it was written with another model
+        config. Unreadable metadata passes (the restore itself then reports the damage)."""
+        try:
+            saved = _param_shapes(getattr(self.manager.item_metadata(step)["state"], "tree", None) or {})
+        except Exception:   # noqa: BLE001 - damaged or foreign metadata: left to the restore
+            return
+        if not saved:
+            return
+        diff = params_mismatch(saved, _param_shapes(abstract_state))
+        if diff:
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory} holds a different DiT than this config builds: "
+                f"{diff}. It was written with another model config (config.model: preset, scan_layers, ...; "
+                f"that run's config is saved in {os.path.join(self.directory, str(step), 'config')}). Run with "
+                "that config, or use another workdir; the checkpoint is left as it is.")
+
     def restore(self, step: int, abstract_state: Any) -> Any:
         """The train state of `step`, placed as `abstract_state` says (shapes, dtypes, shardings)."""
+        self.check_params(step, abstract_state)
         out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return out["state"]
 
     def restore_full(self, step: int, abstract_state: Any) -> Tuple[Any, Optional[Dict[str, Any]]]:
         """(state, data-iterator state or None when the checkpoint has no data_iter item)."""
+        self.check_params(step, abstract_state)
         items = dict(state=ocp.args.StandardRestore(abstract_state))
         if self.has_item(step, "data_iter"):
             items["data_iter"] = DataIterRestore()
@@ -181,6 +245,8 @@ class TrainCheckpointer:
             error = None
             try:
                 state, data_state = self.restore_full(s, abstract_state)
+            except CheckpointMismatchError:
+                raise                # another model config, not damage: nothing is moved aside
             except Exception as e:   # noqa: BLE001 - any failure to read a step falls back to the previous one
                 error = e
             # Every process must take the same decision (a broken shard may be read by one process only).
