@@ -127,6 +127,35 @@ def test_latent_cache_says_when_it_cuts_captions():
     assert ds.txt.shape[1] == 6 and not any("cut" in l for l in logs)
 
 
+def test_latent_cache_encodes_each_distinct_caption_once():
+    from types import SimpleNamespace
+    from lens_jax.data.latent_cache import encode_examples
+    from lens_jax.text.prompt_encoding import TextFeatures
+
+    seen = []
+
+    def encode_text(captions):             # features: (caption id, position); valid length = number of words
+        seen.extend(captions)
+        n = np.array([len(c.split()) for c in captions])
+        mask = np.arange(n.max())[None] < n[:, None]
+        ids = np.array([sum(map(ord, c)) for c in captions], np.float32)
+        f = np.stack([np.broadcast_to(ids[:, None], mask.shape),
+                      np.broadcast_to(np.arange(mask.shape[1]), mask.shape)], -1)
+        return TextFeatures(f * mask[..., None], mask)
+
+    vae = SimpleNamespace(encode_tokens=lambda x: x.reshape(len(x), 4, -1)[..., :2].astype(np.float32))
+    caps = ["a red circle", "two squares", "a red circle", "a blue square on a white background", "two squares"]
+    images = np.arange(5, dtype=np.float32)[:, None, None, None] * np.ones((5, 4, 4, 3), np.float32)
+    chunks = [(images[:3], caps[:3]), (images[3:], caps[3:])]
+    ds = encode_examples(iter(chunks), vae, encode_text, 5, log=lambda _: None)
+    assert sorted(seen) == sorted(set(caps))                       # each distinct caption encoded once
+    assert ds.txt.shape[:2] == (5, 7) and ds.mask.sum(1).tolist() == [len(c.split()) for c in caps]
+    want = encode_text(caps)                                           # the same features as encoding every row
+    np.testing.assert_array_equal(ds.txt, want.features)
+    np.testing.assert_array_equal(ds.mask, want.mask)
+    np.testing.assert_array_equal(ds.img[:, 0, 0], np.arange(5))      # images keep the stream order
+
+
 def test_latent_cache_order_is_a_function_of_seed_and_step():
     from lens_jax.data.latent_cache import EncodedDataset
     n = 10
