@@ -119,6 +119,30 @@ def test_relation_captions_name_the_pair_in_both_orders():
     assert not any("circle below" in t or "square above" in t for t in briefs)  # never the wrong way round
 
 
+def test_relation_prob_sets_how_often_two_object_captions_are_relations():
+    rng = np.random.default_rng(0)
+    a = sw.place_object("circle", "red", "medium", 1, 0, rng, CFG)
+    b = sw.place_object("square", "blue", "medium", 1, 2, rng, CFG)
+    two = Scene([a, b], "white", 64)
+    three = Scene([a, b, sw.place_object("triangle", "green", "medium", 0, 1, rng, CFG)], "white", 64)
+
+    def share(scene, p, n=2000, phrase=("left of", "right of")):
+        caps = [brief_caption(scene, np.random.default_rng(s), p) for s in range(n)]
+        return np.mean([any(r in c for r in phrase) for c in caps]), caps
+
+    assert share(two, 0.0)[0] == 0.0 and share(two, 1.0)[0] == 1.0
+    assert abs(share(two, 0.25)[0] - 0.25) < 0.03 and abs(share(two, 0.6)[0] - 0.6) < 0.03
+    # The default keeps the earlier split of two-object captions: relation 1/4, colour+shape 1/2, shape-only 1/4.
+    caps = share(two, 0.25)[1]
+    plain = [c for c in caps if "left of" not in c and "right of" not in c]
+    assert abs(np.mean(["red" in c for c in plain]) - 2 / 3) < 0.04
+    assert share(three, 1.0)[0] == 0.0                                  # only two-object scenes get relations
+    cfg = sw.world_config({"relation_prob": 0.5}, image_size=64, seed=0)
+    assert cfg.relation_prob == 0.5
+    with pytest.raises(ValueError, match="relation_prob must be in"):
+        sw.world_config({"relation_prob": 1.5})
+
+
 def _scene_cells(cfg, n_scenes=600):
     out = []
     for i in range(n_scenes):

@@ -150,6 +150,8 @@ class ShapesWorldConfig:
         keeps it ``cell_margin`` inside the cell and inside the image (0 = at the cell centre).
       side_fractions: object sides (circle diameters) of the (small, medium, large) sizes as
         fractions of the image side.
+      relation_prob: probability that the brief caption of a two-object scene is a relation phrase ("a red
+        circle left of a blue square"); see ``brief_caption``.
       count_weights: relative frequencies of the object counts min_objects..max_objects in
         training scenes (() = uniform).
       antialias: supersampling factor for rendering (1 = hard edges, exact palette colours).
@@ -176,6 +178,7 @@ class ShapesWorldConfig:
     jitter: float = 1.0
     side_fractions: tuple[float, float, float] = tuple(SIZES.values())
     count_weights: tuple[float, ...] = ()
+    relation_prob: float = 0.25
 
     def __post_init__(self):
         for s in self.shapes:
@@ -205,6 +208,8 @@ class ShapesWorldConfig:
                                    or not sum(self.count_weights) > 0):
             raise ValueError(f"count_weights needs {n_counts} non-negative weights (not all 0) for the counts "
                              f"{self.min_objects}..{self.max_objects}; got {self.count_weights!r}")
+        if not 0 <= self.relation_prob <= 1:
+            raise ValueError(f"relation_prob must be in [0, 1]; got {self.relation_prob!r}")
         if not self.grid_span > 0 or not 0 <= self.jitter <= 1:
             raise ValueError(f"need grid_span > 0 and 0 <= jitter <= 1; got {self.grid_span}, {self.jitter}")
         pitch = self.grid_span / GRID
@@ -240,7 +245,8 @@ class ShapesWorldConfig:
 
 
 #: ShapesWorldConfig fields an experiment sets in its ``config.data.world`` block.
-WORLD_FIELDS = ("layout", "grid_span", "jitter", "side_fractions", "count_weights", "backgrounds", "sizes")
+WORLD_FIELDS = ("layout", "grid_span", "jitter", "side_fractions", "count_weights", "backgrounds", "sizes",
+                "relation_prob")
 
 
 def world_config(world=None, **fields) -> ShapesWorldConfig:
@@ -618,17 +624,19 @@ BRIEF_PREFIXES = ("", "", "a photo of ", "an image of ", "a picture of ")
 INVERSE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
-def brief_caption(scene: Scene, rng: np.random.Generator) -> str:
+def brief_caption(scene: Scene, rng: np.random.Generator, relation_prob: float = 0.25) -> str:
     """Short GenEval-like caption, e.g. "a red circle and two blue squares".
 
-    Variants (chosen by ``rng``): colour+shape groups, shape-only groups, a relation phrase for
-    two-object scenes naming the pair in either order ("a red circle left of a blue square" / "a
-    blue square right of a red circle"), an optional prefix ("a photo of") and an optional
-    background suffix.
+    Variants (chosen by ``rng``): colour+shape groups (3/4) or shape-only groups (1/4); for a two-object
+    scene, with probability ``relation_prob`` a relation phrase naming the pair in either order ("a red
+    circle left of a blue square" / "a blue square right of a red circle"), otherwise colour+shape (2/3)
+    or shape-only (1/3) groups; an optional prefix ("a photo of") and an optional background suffix.
     """
     objs = scene.objects
     mode = rng.random()
-    if len(objs) == 2 and mode < 0.25:
+    two = len(objs) == 2
+    colour_cut = relation_prob + (1 - relation_prob) * 2 / 3 if two else 0.75   # 0.75 for both at the default
+    if two and mode < relation_prob:
         a, b = objs
         rel = sorted(relative_position(a.bbox, b.bbox))
         if rel:
@@ -642,7 +650,7 @@ def brief_caption(scene: Scene, rng: np.random.Generator) -> str:
         else:
             body = _join([_count_phrase(c, f"{col} {s}") for (col, s), c in
                           _group(objs, lambda o: (o.color, o.shape))])
-    elif mode < 0.75:
+    elif mode < colour_cut:
         body = _join([_count_phrase(c, f"{col} {s}") for (col, s), c in
                       _group(objs, lambda o: (o.color, o.shape))])
     else:
@@ -670,7 +678,7 @@ def example(index: int, cfg: ShapesWorldConfig) -> dict:
     return {
         "image": render(scene, cfg.antialias),
         "dense": dense_caption(scene, r_dense),
-        "brief": brief_caption(scene, r_brief),
+        "brief": brief_caption(scene, r_brief, cfg.relation_prob),
         "metadata": scene.to_json(),
         "index": int(index),
     }
