@@ -97,8 +97,9 @@ def shapes_world_config() -> ml_collections.ConfigDict:
     caption order); grid_span: distance between cell centres / (image_size / 3); jitter: offset within a cell as
     a fraction of the largest (0 = cell centres); side_fractions: object side / image side for the small, medium
     and large sizes; count_weights: relative frequencies of 1..4 objects per training scene (() = uniform);
-    backgrounds / sizes: the background colours and object sizes training scenes draw from.
-    See lens_jax/data/synthetic.py and RESULTS.md (sessions 6-7).
+    backgrounds / sizes: the background colours and object sizes training scenes draw from; relation_prob: the
+    share of two-object brief captions that are relation phrases ("a red circle left of a blue square").
+    See lens_jax/data/synthetic.py and RESULTS.md (sessions 6-8).
     """
     from lens_jax.data.synthetic import WORLD_FIELDS, ShapesWorldConfig
     defaults = ShapesWorldConfig()
