@@ -1,5 +1,8 @@
-"""tools/bench_dit.py runs end to end on CPU and its FLOP model matches the spec's figures."""
+"""tools/bench_dit.py and tools/bench_train_step.py run end to end on CPU; the FLOP model matches the spec."""
 import json
+
+import numpy as np
+import pytest
 
 from lens_jax.models.mmdit import mmdit_config
 from tools import bench_dit
@@ -22,3 +25,14 @@ def test_bench_runs_on_cpu(capsys):
     by = {r["attention"]: r for r in lines}
     assert by["xla"]["ms"] > 0 and by["einsum"]["image_tokens"] == 16
     assert "error" in by["cudnn"]          # no cuDNN on CPU: reported, not crashed
+
+
+def test_train_step_bench_runs_both_layer_layouts(capsys):
+    from tools import bench_train_step
+    assert bench_train_step.main(["--batch=2", "--text_len=8", "--iters=1", "--warmup=0", "--json",
+                                  "--variants=scan_layers=True,scan_layers=False"]) == 0
+    rows = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    assert [r["scan_layers"] for r in rows] == [True, False]
+    assert all(r["ms"] > 0 and r["image_tokens"] == 25 and r["gflop"] > 0 and np.isfinite(r["loss"]) for r in rows)
+    with pytest.raises(ValueError, match="config.model has no field 'scan'"):
+        bench_train_step.main(["--batch=2", "--text_len=8", "--iters=1", "--warmup=0", "--variants=scan=False"])
