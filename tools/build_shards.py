@@ -46,9 +46,9 @@ def parse_args(argv=None):
     sh.add_argument("--image_size", type=int, default=64, help="shapes-world image side in pixels")
     sh.add_argument("--shapes_seed", type=int, default=0, help="shapes-world seed")
     sh.add_argument("--shapes_world_options", default="",
-                    help="JSON object of shapes-world options (keys: lens_jax.data.synthetic.WORLD_FIELDS), "
-                         "e.g. the tiny experiment's world: '{\"layout\": \"canonical\", \"grid_span\": 1.2, "
-                         "\"jitter\": 0, \"side_fractions\": [0.1375, 0.1625, 0.1875]}' with --image_size=80")
+                    help="JSON object of shapes-world options (keys: lens_jax.data.synthetic.WORLD_FIELDS), e.g. "
+                         "'{\"layout\": \"canonical\", \"relation_prob\": 0.5}'; the tiny experiment's whole "
+                         "world (with --image_size=80) is in the docstring of experiments/pretrain.py")
     p.add_argument("--out", required=True, help="output directory (shards, stats, build.json, manifest.json)")
     p.add_argument("--min_area", type=int, default=None,
                    help=f"drop images with width*height below this (default {sw.DEFAULT_MIN_AREA} = 384^2; "

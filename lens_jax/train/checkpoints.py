@@ -63,9 +63,10 @@ def _param_shapes(tree) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
 
 def params_mismatch(saved: Dict[Tuple[str, ...], Tuple[int, ...]],
                     wanted: Dict[Tuple[str, ...], Tuple[int, ...]], limit: int = 4) -> Optional[str]:
-    """How the saved parameter paths/shapes differ from the wanted ones (None if they agree), e.g.
-    'missing: transformer_blocks_0 ... (4 modules); not built by this config: transformer_blocks'."""
-    def modules(paths):   # the top-level parameter modules the paths belong to, in order
+    """How the saved parameter paths/shapes differ from the wanted ones (None if they agree), e.g. 'the
+    checkpoint lacks transformer_blocks_0, ... (4 modules); it holds transformer_blocks, which this config does
+    not build'."""
+    def modules(paths):   # the top-level parameter modules the paths belong to, sorted
         return sorted({p[0] for p in paths})
 
     def names(mods):
