@@ -97,24 +97,19 @@ def get_config(arg=None):
     c.compile_only_devices = 8      # fake CPU device count for compile_only (mesh.shape's -1 is filled from it);
                                     # 0 = this machine's own devices (e.g. one GPU, to check the CPU estimate)
     c.compile_only_text_len = 0     # text tokens per example for compile_only; 0 = text_encoder.max_length - txt_offset
-    c.log_every = 100
-    c.checkpoint_every = 5000
-    c.keep_checkpoints = 3          # keep the newest N checkpoints ...
-    c.keep_every = 0                # ... plus every K-th step's checkpoint for good (0 = off)
-    c.resume_from = ""              # if this workdir has no checkpoint: another run's workdir, checkpoints/ or
-                                    # checkpoints/STEP dir; full state + data position, continues its step count
-    c.init_from = ""                # else weights only, step 0, fresh optimiser: a converted lens_dit checkpoint
-                                    # (tools/convert_checkpoint.py) or a pretrain workdir / checkpoints dir
-    c.max_nonfinite_steps = 20      # abort after this many non-finite (skipped) steps in a row; 0 = never
+    base.trainer_config(c, checkpoint_every=5000, log_every=100)
+    c.init_from = ""                # fresh start: DiT weights from a converted lens_dit checkpoint
+                                    # (tools/convert_checkpoint.py) or another run (its 'dit' params)
     c.peak_tflops = 0.0             # peak TFLOP/s per device for MFU; 0 = from the device kind (none on CPU)
-    c.tensorboard = True            # TensorBoard event files under WORKDIR/tensorboard (tensorboardX)
     c.sample_every = 5000
     c.sample = base.sample_config(num_steps=20, guidance=5.0)
     c.sample.height = c.sample.width = 512
     c.sample.prompts = "a photo of a cat;a red bicycle leaning against a blue wall"
     c.eval = ml_collections.ConfigDict(dict(
         enabled=False,              # synthetic GenEval at the end (shapes world only)
-        prompts_per_task=0,         # 0 = GenEval's task sizes (553 prompts)
+        metadata_file="",           # GenEval evaluation_metadata.jsonl of prompts; '' = built-in ShapesEval sets
+        scorer="shapes",            # shapes (ShapesEval) | none (only write the GenEval folder)
+        prompts_per_task=0,         # built-in sets: prompts per task; 0 = GenEval's task sizes (553 prompts)
         samples_per_prompt=4,
         num_steps=20,
         guidance=5.0,
@@ -132,13 +127,12 @@ def get_config(arg=None):
         c.timestep.mu = -1.0        # the token-count rule
         c.num_steps = 400_000
     elif variant == "tiny":
+        # The CPU research loop; every choice below is measured in RESULTS.md (sessions 6-8).
         c.model.preset = "shapes_tiny"
         c.model.attention = "xla"
         c.model.remat_policy = "none"
         c.model.dtype = "float32"
-        # Four blocks unrolled, not nn.scan-stacked: on 2 CPU cores the step is 21 % faster (0.245 vs 0.312 s;
-        # the scan's per-layer slices of the stacked weights and residuals are copies; BENCHMARKS.md).
-        c.model.scan_layers = False
+        c.model.scan_layers = False     # unrolled: 21% faster step on 2 CPU cores (BENCHMARKS.md)
         c.vae.checkpoint = "data/tiny/vae"
         c.vae.preset = "tiny"
         c.vae.dtype = "float32"
@@ -146,40 +140,30 @@ def get_config(arg=None):
         c.text_encoder.preset = "tiny"
         c.text_encoder.dtype = "float32"
         c.data.source = "shapes"
-        # The token-aligned canonical world (RESULTS.md, session 6): 80-px images = 5 x 5 DiT tokens; the 3 x 3
-        # cell centres are the centres of tokens 0, 2 and 4 (8, 40, 72 px), objects 11/13/15 px wide sit inside
-        # one token each, and the cells follow from the object count and caption order.
+        # The token-aligned canonical world: 80 px = 5 x 5 DiT tokens, each object inside one token, cells
+        # following the object count and caption order.
         c.data.resolution = 80
         c.data.image_size = 80
         c.data.world.layout = "canonical"
         c.data.world.grid_span = 1.2
         c.data.world.jitter = 0.0
         c.data.world.side_fractions = (11 / 80, 13 / 80, 15 / 80)
-        # One background and one object size (RESULTS.md, session 7): what the brief caption leaves open is
-        # variance the DiT must model without the prompt; four backgrounds (not named by 3/4 of the brief
-        # captions) made up most of it and kept the DiT from reading its prompt in this budget (0.156 -> 0.34
-        # with a white background alone, ~0.38 with one size as well). The VAE and text encoder keep the full
-        # world; ShapesEval's ground truth is white anyway.
-        c.data.world.backgrounds = ("white",)
+        c.data.world.backgrounds = ("white",)   # what captions leave open the DiT must model without the prompt
         c.data.world.sizes = ("medium",)
-        # Two-object scenes twice as often as each other count (three of GenEval's six tasks have two objects),
-        # half of their brief captions relation phrases ("a red circle left of a blue square"; 1/4 before): at
-        # 1700 steps 0.488 -> 0.644 on the same seed, position .28 -> .65, colour attribution .10 -> .71
-        # (RESULTS.md, session 8).
-        c.data.world.count_weights = (1.0, 2.0, 1.0, 1.0)
-        c.data.world.relation_prob = 0.5
-        c.data.caption = "brief"    # GenEval-style, in distribution with the eval prompts; ~45 text tokens
-        c.data.num_examples = 6144      # ~18 passes in 1700 steps; 12288 would cost ~30 s (~120 steps) more to encode
+        c.data.world.count_weights = (1.0, 2.0, 1.0, 1.0)   # three of GenEval's six tasks have two objects
+        c.data.world.relation_prob = 0.5        # relation captions teach the direction words
+        c.data.caption = "brief"        # GenEval-style, in distribution with the evaluation prompts
+        c.data.num_examples = 6144
         c.batch_size = 64
-        c.num_steps = 1700             # 0.245 s/step on 2 cores; the colour and relation words are read from ~1500 on
-        c.optim.lr = 3e-3              # at 1300 steps 2e-3 gave 0.387, 4e-3 0.372 (RESULTS.md, session 7)
+        c.num_steps = 1700
+        c.optim.lr = 3e-3
         c.optim.warmup_steps = 50
         c.optim.schedule = "cosine"
         c.timestep.mu = -1.0
         c.ema_decay = 0.995
         c.log_every = 50
         c.checkpoint_every = 0
-        c.sample_every = 500           # grids at 500, 1000, 1500 and the end
+        c.sample_every = 500
         c.sample.num_steps = 20
         c.sample.guidance = 4.0
         c.sample.height = c.sample.width = 80
@@ -189,10 +173,8 @@ def get_config(arg=None):
         c.eval.samples_per_prompt = 4
         c.eval.guidance = 4.0
         c.eval.num_steps = 20
-        # For --config.data.source=shards (shapes-world shards, see the module docstring): no minimum area and
-        # 64 images per step on one device, like batch_size (both read only by the shard pipeline). The text
-        # length stays 0 (the cache keeps its longest caption whole, dense ones included); shards want a fixed
-        # length: --config.data.max_text_tokens=64 fits the brief captions (<= 45 tokens).
+        # For --config.data.source=shards (see the module docstring): no minimum area, 64 images per step on
+        # one device; shards need a fixed text length: --config.data.max_text_tokens=64 fits brief captions.
         c.data.min_area = 0
         c.data.per_device_batch = (64,)
     return c

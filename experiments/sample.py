@@ -10,6 +10,7 @@ from lens_jax.configs.base import load_experiment
 def get_config(arg=None):
     c = load_experiment("pretrain", arg or "tiny")
     c.phase = "sample"
-    c.sample.checkpoint = ""        # converted weights dir or pretrain workdir; '' = this workdir
+    c.sample.checkpoint = ""        # converted lens_dit weights or a run (workdir / checkpoints / step dir); '' = this workdir
+    c.sample.params = ""            # which weights of a run: 'dit', 'dit.ema', ...; '' = the EMA when the run keeps one
     c.sample.batch_size = 16
     return c

@@ -80,7 +80,7 @@ def get_config(arg=None):
     c.embedding_init_std = 1.0           # token-embedding init. From GPT-OSS's 0.02 the blocks soon dwarf the embeddings
                                          # and the RMS-normalised features the DiT reads hardly tell "circle" from
                                          # "square" (0.13 / 0.08 / 0.04 / 0.04 of the RMS; 1.0: 0.85 / 0.57 / 0.39 / 0.27)
-    c.log_every = 10
+    base.trainer_config(c, checkpoint_every=100, log_every=10)
     c.eval_batch_size = 32
     c.output_dir = ""                    # checkpoint directory; '' = <workdir>/text_encoder
     return c

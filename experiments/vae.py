@@ -67,7 +67,7 @@ def get_config(arg=None):
 
     c.batch_size = 8
     c.num_steps = 4000
-    c.log_every = 100
+    base.trainer_config(c, checkpoint_every=1000, log_every=100)
     c.stats_examples = 1024              # training images encoded for the latent BatchNorm statistics
     c.eval_batch_size = 64               # batch size for statistics and held-out evaluation
     c.num_png_images = 8                 # columns of vae_reconstructions.png

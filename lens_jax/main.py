@@ -4,12 +4,15 @@ The experiment file's `get_config(arg)` returns a locked ml_collections ConfigDi
 overrides a value and an unknown key fails. `config.phase` picks what runs:
 
   pretrain      DiT pretraining (flow matching), with periodic samples and evaluation
-  vae           train a small FLUX.2-architecture VAE (research scale) and its latent BN statistics
-  text_encoder  train a sentencepiece tokenizer and a small GPT-OSS-architecture LM on captions
+  vae           the recipe of a small FLUX.2-architecture VAE (research scale) and its latent BN statistics
+  text_encoder  the recipe of a sentencepiece tokenizer and a small GPT-OSS-architecture LM on captions
   sample        render prompts with a trained DiT
-  eval          synthetic GenEval (ShapesEval) of a trained DiT
+  eval          synthetic GenEval (ShapesEval) of a trained DiT, in GenEval's file protocol
 
 Without --config the embedded default is the tiny CPU pretraining run (experiments/pretrain.py:tiny).
+
+Output is quiet by default: the phase's own lines and a progress bar. absl's `--verbosity=0` (or -v 0) shows
+the INFO logs of JAX, Orbax and absl again.
 """
 import importlib
 import os
@@ -25,8 +28,8 @@ _DEFAULT_CONFIG = os.path.join(_REPO, "experiments", "pretrain.py") + ":tiny"
 
 PHASES = {
     "pretrain": "lens_jax.phases.pretrain",
-    "vae": "lens_jax.phases.vae",
-    "text_encoder": "lens_jax.phases.text_encoder",
+    "vae": "lens_jax.recipes.vae",
+    "text_encoder": "lens_jax.recipes.text_encoder",
     "sample": "lens_jax.phases.sample",
     "eval": "lens_jax.phases.evaluate",
 }
@@ -54,8 +57,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = flags.FLAGS.config
+    if not flags.FLAGS["verbosity"].present:      # quiet unless asked: warnings and errors only
+        logging.set_verbosity(logging.WARNING)
     workdir = flags.FLAGS.workdir or os.path.join("runs", f"{config.phase}_{config.get('name', 'run')}")
-    logging.set_verbosity(logging.INFO)
     if config.get("compile_only", False):
         # Before anything starts the JAX backend: N fake CPU devices (as XLA_FLAGS=--xla_force_host_platform_device_count=N).
         from lens_jax.train.compile_only import setup_fake_devices

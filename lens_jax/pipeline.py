@@ -1,16 +1,14 @@
 """Frozen encoders and the text-to-image pipeline around the DiT (LENS_SPEC §7.6).
 
   FrozenVAE          images [B,H,W,3] in [-1,1] <-> normalised DiT tokens [B, (H/16)(W/16), C]
-  load_text_encoder  prompts -> TextFeatures(features [B,L,F], mask [B,L]) (Harmony template, offset strip)
   LensPipeline       prompts -> uint8 images: encode, Euler + CFG sampling, VAE decode
 
-Checkpoint directories are Orbax weights checkpoints written by tools/convert_checkpoint.py or by the
-`vae` / `text_encoder` phases. Relative paths are resolved against the working directory, then against
-the repository root (so `data/tiny/...` works from anywhere).
+Both are made from config by lens_jax/build.py (the prompt encoder by lens_jax/text/tiny_encoder.py). Checkpoint
+directories are Orbax weights checkpoints written by tools/convert_checkpoint.py or by the vae / text_encoder
+recipes.
 """
 from __future__ import annotations
 
-import os
 from functools import partial
 from typing import Callable, List, Optional, Sequence
 
@@ -19,18 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from lens_jax.configs.base import ConfigError
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def resolve_path(path: str, option: str) -> str:
-    """An existing path, trying CWD then the repository root; ConfigError naming `option` otherwise."""
-    if not path:
-        raise ConfigError(f"{option} is empty; set --{option}=/path/to/checkpoint")
-    for p in (path, os.path.join(REPO_ROOT, path)):
-        if os.path.exists(p):
-            return os.path.abspath(p)
-    raise ConfigError(f"{option}={path!r} does not exist")
 
 
 class FrozenVAE:
@@ -68,17 +54,6 @@ class FrozenVAE:
     def decode_tokens(self, tokens, h: int, w: int) -> jax.Array:
         """tokens [B, h*w, C] -> images [B, 16h, 16w, 3] in [-1, 1]."""
         return self._decode(self.variables, jnp.asarray(tokens, jnp.float32), h, w)
-
-
-def load_text_encoder(directory: str, tokenizer: str = "", trim_to: int = 0):
-    """(encode_fn(prompts) -> TextFeatures, feature_dim, num_layers) for a text-encoder directory.
-
-    With trim_to > 0 the text length L is the batch's longest prompt rounded up to a multiple of
-    trim_to (fewer encoder and DiT tokens; a few distinct shapes get compiled).
-    """
-    from lens_jax.text.tiny_encoder import load_text_encoder as _load
-    encode_fn, _, _, enc_cfg = _load(directory, tokenizer or None, trim_to=trim_to or None)
-    return encode_fn, enc_cfg.hidden_size, len(enc_cfg.selected_layers)
 
 
 def to_uint8(images) -> np.ndarray:

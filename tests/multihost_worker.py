@@ -64,8 +64,9 @@ def main():
     from lens_jax.train.metrics import MetricsWriter
     from lens_jax.train.optim import make_optimizer
     from lens_jax.train.resume import resolve_start
-    from lens_jax.train.state import abstract_train_state, create_train_state
-    from lens_jax.train.step import make_train_step
+    from lens_jax.train.trainer import jit_step
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from fm_setup import dit_spec, fm_objective
 
     batch_size, seed = 8, 3
     rng = np.random.default_rng(0)
@@ -78,15 +79,9 @@ def main():
     total = a.steps + a.extra_steps
     optimizer, schedule = make_optimizer(optim_config(3e-3), total)
     mesh = sharding_lib.make_mesh((-1, 1, 1))
-    rules = sharding_lib.DEFAULT_RULES
-    dummy = dummy_inputs(cfg)
-    step_fn = make_train_step(model, optimizer, schedule, mu=-1.0, mu_rule=dict(mu_lo=1.0, mu_hi=1.3, n_lo=256, n_hi=4096),
-                              sigma_std=1.0, caption_dropout=0.1, ema_decay=0.9)
-    abstract, shardings = abstract_train_state(model, optimizer, dummy, mesh, rules, True)
+    spec = dit_spec(model, optimizer, schedule, ema_decay=0.9, dummy=dummy_inputs(cfg))
     batch_shardings = {k: sharding_lib.batch_sharding(mesh, v.ndim) for k, v in data.example_batch(1).items()}
-    with jax.set_mesh(mesh):
-        train_step = jax.jit(step_fn, in_shardings=(shardings, batch_shardings),
-                             out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
+    train_step, _ = jit_step(spec, [fm_objective(model)], mesh, batch_shardings)
     my_rows = distributed.process_rows(batch_shardings["img"], batch_size)
     assert len(my_rows) == batch_size // a.num_processes, my_rows
 
@@ -97,9 +92,8 @@ def main():
     ckpt_dir = os.path.join(a.workdir, "checkpoints")
 
     def run(num_steps, resume_log):
-        ckpt = TrainCheckpointer(ckpt_dir, max_to_keep=2, save_interval_steps=2)
-        start = resolve_start(ckpt, abstract, lambda: create_train_state(model, optimizer, dummy, mesh, rules, 0, True)[0],
-                              log=resume_log.append)
+        ckpt = TrainCheckpointer(ckpt_dir, nets=spec.names, max_to_keep=2, save_interval_steps=2)
+        start = resolve_start(ckpt, spec, mesh, log=resume_log.append)
         source = StepIndexedSource(batch_fn, start.step)
         if start.data_state is not None:
             source.set_state(start.data_state)

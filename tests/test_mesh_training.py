@@ -6,12 +6,13 @@ import numpy as np
 import optax
 import pytest
 
+from fm_setup import dit_spec, fm_objective
 from lens_jax.configs.base import load_experiment
-from lens_jax.models.mmdit import MMDiT, dummy_inputs, image_positions, mmdit_config
+from lens_jax.models.mmdit import MMDiT, image_positions, mmdit_config
 from lens_jax.train import sharding as sharding_lib
 from lens_jax.train.optim import make_optimizer
-from lens_jax.train.state import create_train_state
-from lens_jax.train.step import jit_train_step, make_train_step
+from lens_jax.train.state import Net, TrainSpec
+from lens_jax.train.trainer import jit_step
 
 TINY = load_experiment("pretrain", "tiny")                 # optimiser, timestep rule, dropout, EMA of the tiny run
 CFG = mmdit_config("tiny", mlp_dim=96)                     # mlp divisible by the tensor axis
@@ -43,23 +44,21 @@ def _mesh(shape):
     return sharding_lib.make_mesh(shape, jax.devices()[:int(np.prod(shape))])
 
 
-def _setup(mesh_shape, optimizer=None, **step_kw):
+def _setup(mesh_shape, optimizer=None):
+    """(mesh, state, spec, objective) of the tiny run's optimiser, timestep rule, dropout and EMA."""
     mesh = _mesh(mesh_shape)
     model = MMDiT(CFG)
     opt, sched = make_optimizer(TINY.optim, TINY.num_steps)
-    opt = optimizer or opt
-    state, shardings = create_train_state(model, opt, dummy_inputs(CFG), mesh, RULES, 0, TINY.ema_decay > 0)
-    step = make_train_step(model, opt, sched, mu=TINY.timestep.mu, mu_rule=MU_RULE, sigma_std=TINY.timestep.std,
-                           caption_dropout=TINY.data.caption_dropout, ema_decay=TINY.ema_decay, rules=RULES,
-                           **step_kw)
-    return mesh, state, shardings, step
+    spec = dit_spec(model, optimizer or opt, sched, ema_decay=TINY.ema_decay, rules=RULES)
+    objective = fm_objective(model, caption_dropout=TINY.data.caption_dropout, mu=TINY.timestep.mu, rules=RULES)
+    return mesh, spec.create(mesh), spec, objective
 
 
 def _train(mesh_shape, n=STEPS):
-    mesh, state, shardings, step = _setup(mesh_shape)
+    mesh, state, spec, objective = _setup(mesh_shape)
     bsh = sharding_lib.batch_shardings(mesh, synthetic_batch(0))
+    fn, _ = jit_step(spec, [objective], mesh, bsh, rules=RULES)
     with jax.set_mesh(mesh):
-        fn = jit_train_step(step, mesh, shardings, bsh)
         losses = []
         for i in range(n):
             batch = {k: jax.device_put(v, bsh[k]) for k, v in synthetic_batch(i).items()}
@@ -81,11 +80,12 @@ def test_sharded_training_matches_one_device(mesh_shape, one_device_losses):
     dp = mesh_shape[0] * mesh_shape[1]
     assert batch["img"].addressable_shards[0].data.shape[0] == 8 // dp
     # Parameters, both Adam moments and the EMA really are sharded over fsdp x tensor.
-    w1 = state["params"]["transformer_blocks"]["img_mlp"]["w1"]["kernel"]       # [layers, embed, mlp]
-    adam = state["opt_state"][1][0]
+    dit = state["nets"]["dit"]
+    w1 = dit["params"]["transformer_blocks"]["img_mlp"]["w1"]["kernel"]       # [layers, embed, mlp]
+    adam = dit["opt_state"][1][0]
     copies = (w1, adam.mu["transformer_blocks"]["img_mlp"]["w1"]["kernel"],
               adam.nu["transformer_blocks"]["img_mlp"]["w1"]["kernel"],
-              state["ema_params"]["transformer_blocks"]["img_mlp"]["w1"]["kernel"])
+              dit["ema"]["transformer_blocks"]["img_mlp"]["w1"]["kernel"])
     _, fsdp, tensor = mesh_shape
     for x in copies:
         assert x.sharding.spec == jax.P(None, "fsdp", "tensor")
@@ -95,11 +95,11 @@ def test_sharded_training_matches_one_device(mesh_shape, one_device_losses):
 
 
 def test_activation_constraints_reach_the_compiled_step():
-    mesh, state, shardings, step = _setup((2, 2, 2))
+    mesh, state, spec, objective = _setup((2, 2, 2))
     batch = synthetic_batch(0)
+    fn, _ = jit_step(spec, [objective], mesh, sharding_lib.batch_shardings(mesh, batch), rules=RULES)
     with jax.set_mesh(mesh):
-        text = jit_train_step(step, mesh, shardings, sharding_lib.batch_shardings(mesh, batch)).lower(
-            state, batch).as_text()
+        text = fn.lower(state, batch).as_text()
     assert "sharding_constraint" in text and '"tensor"' in text
 
 
@@ -108,22 +108,22 @@ def test_activation_constraints_reach_the_compiled_step():
 _SGD_STEPS = {}
 
 
-def _sgd_delta(mesh_shape, batches, **step_kw):
+def _sgd_delta(mesh_shape, batches, grad_accum_steps=1):
     """One SGD(lr=1) step from the same initial state: returns (params delta = -grad, metrics).
 
-    The jitted step is built once per (mesh, step options); each batch structure compiles once.
+    The jitted step is built once per (mesh, accumulation); each batch structure compiles once.
     """
-    key = (mesh_shape, tuple(sorted(step_kw.items())))
+    key = (mesh_shape, grad_accum_steps)
     if key not in _SGD_STEPS:
-        mesh, state, shardings, step = _setup(mesh_shape, optimizer=optax.sgd(1.0), **step_kw)
-        with jax.set_mesh(mesh):
-            fn = jax.jit(step, in_shardings=(shardings, None), out_shardings=(shardings, None))
+        mesh, state, spec, objective = _setup(mesh_shape, optimizer=optax.sgd(1.0))
+        fn, _ = jit_step(spec, [objective], mesh, None, grad_accum_steps=grad_accum_steps, rules=RULES, donate=False)
         _SGD_STEPS[key] = (mesh, state, fn)
     mesh, state, fn = _SGD_STEPS[key]
     batches = jax.device_put(batches, sharding_lib.batch_shardings(mesh, batches))
     with jax.set_mesh(mesh):
         new, m = fn(state, batches)
-    delta = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new["params"], state["params"])
+    delta = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new["nets"]["dit"]["params"],
+                         state["nets"]["dit"]["params"])
     return delta, jax.tree.map(float, m)
 
 
@@ -211,10 +211,9 @@ def test_mesh_from_config_with_dcn():
 # ----------------------------------------------------------------------------- online encoding
 
 def test_online_encoding_matches_cached_features():
+    from lens_jax.diffusion.flow_matching import make_online_encoder
     from lens_jax.models.gpt_oss import GptOssEncoder, gpt_oss_config
     from lens_jax.models.vae import FluxVAE, vae_config
-    from lens_jax.train.state import abstract_frozen_variables, place_frozen_variables
-    from lens_jax.train.step import make_online_encoder
 
     vae = FluxVAE(vae_config("tiny"))
     te_cfg = gpt_oss_config("tiny")
@@ -227,44 +226,49 @@ def test_online_encoding_matches_cached_features():
     raw = dict(pixels=rng.uniform(-1, 1, (b, px, px, 3)).astype(np.float32),
                input_ids=rng.integers(0, te_cfg.vocab_size, (b, length)).astype(np.int32),
                attention_mask=np.arange(length)[None] < rng.integers(offset + 1, length + 1, (b, 1)))
-    vae_vars = vae.init(jax.random.key(1), raw["pixels"][:1])
     k = vae.config.packed_channels
-    vae_vars = dict(vae_vars, latent_stats=dict(mean=jnp.linspace(-0.5, 0.5, k), var=jnp.linspace(0.5, 2.0, k)))
-    te_vars = te.init(jax.random.key(2), raw["input_ids"][:1], raw["attention_mask"][:1])
+
+    def vae_init(_):
+        v = vae.init(jax.random.key(1), raw["pixels"][:1])
+        return dict(v, latent_stats=dict(mean=jnp.linspace(-0.5, 0.5, k), var=jnp.linspace(0.5, 2.0, k)))
+
+    def te_init(_):
+        return {"params": te.init(jax.random.key(2), raw["input_ids"][:1], raw["attention_mask"][:1])["params"]}
+
     c = load_experiment("pretrain")
     vae_rules = sharding_lib.validate_rules(c.sharding.vae_rules)
     te_rules = sharding_lib.validate_rules(c.sharding.text_encoder_rules)
-    a_vae, s_vae = abstract_frozen_variables(vae, (raw["pixels"][:1],), mesh, vae_rules)
-    a_te, s_te = abstract_frozen_variables(te, (raw["input_ids"][:1], raw["attention_mask"][:1]), mesh, te_rules)
-    enc = dict(vae=place_frozen_variables(vae_vars, a_vae), text_encoder=place_frozen_variables(te_vars, a_te))
-    enc_sh = dict(vae=s_vae, text_encoder=s_te)
-    q = enc["text_encoder"]["params"]["layers_0"]["attn"]["q"]["kernel"]     # [embed, heads, head_dim]
-    assert q.sharding.spec == jax.P("fsdp", "tensor", None) and q.addressable_shards[0].data.shape == (32, 2, 16)
+    encoders = [Net("vae", init=vae_init, rules=vae_rules), Net("text_encoder", init=te_init, rules=te_rules)]
     encode_fn = make_online_encoder(vae, te, txt_offset=offset, vae_rules=vae_rules, text_rules=te_rules)
 
     model = MMDiT(cfg)
     opt, sched = make_optimizer(TINY.optim, 100)
-    kw = dict(mu=-1.0, mu_rule=MU_RULE, sigma_std=1.0, caption_dropout=0.25, ema_decay=0.0, rules=RULES)
+    dit = dit_spec(model, opt, sched, rules=RULES).nets["dit"]
+    spec = TrainSpec([dit] + encoders)
     results = []
-    for online, k in ((True, 1), (False, 1), (True, 2)):   # the last encodes each of 2 micro-batches in the scan
-        state, shardings = create_train_state(model, opt, dummy_inputs(cfg), mesh, RULES, 0, False)
-        step = make_train_step(model, opt, sched, encode_fn=encode_fn if online else None, grad_accum_steps=k,
-                               **kw)
+    for online, k_accum in ((True, 1), (False, 1), (True, 2)):   # the last encodes each of 2 micro-batches in the scan
+        state = spec.create(mesh)
+        q = state["nets"]["text_encoder"]["params"]["params"]["layers_0"]["attn"]["q"]["kernel"]   # [embed, heads, hd]
+        assert q.sharding.spec == jax.P("fsdp", "tensor", None) and q.addressable_shards[0].data.shape == (32, 2, 16)
+        assert "opt_state" not in state["nets"]["vae"] and "opt_state" not in state["nets"]["text_encoder"]
+        objective = fm_objective(model, caption_dropout=0.25, rules=RULES,
+                                 **(dict(encoder=encode_fn, token_channels=k) if online else {}))
+        if online:
+            args = raw
+        else:
+            enc = {n: state["nets"][n]["params"] for n in ("vae", "text_encoder")}
+            with jax.set_mesh(mesh):
+                args = jax.jit(encode_fn)(enc, raw)                      # the cache: encode, then train
+            assert args["txt"].shape == (b, length - offset, 2 * te_cfg.hidden_size)
+        fn, _ = jit_step(spec, [objective], mesh, sharding_lib.batch_shardings(mesh, args), grad_accum_steps=k_accum,
+                         rules=RULES)
+        args = jax.device_put(args, sharding_lib.batch_shardings(mesh, args))
+        losses = []
         with jax.set_mesh(mesh):
-            if online:
-                fn = jit_train_step(step, mesh, shardings, sharding_lib.batch_shardings(mesh, raw), enc_sh)
-                args = (raw, enc)
-            else:
-                feats = jax.jit(encode_fn)(enc, raw)                      # the cache: encode, then train
-                assert feats["txt"].shape == (b, length - offset, 2 * te_cfg.hidden_size)
-                fsh = sharding_lib.batch_shardings(mesh, feats)
-                fn = jit_train_step(step, mesh, shardings, fsh)
-                args = (jax.device_put(feats, fsh),)
-            losses = []
             for _ in range(3):
-                state, m = fn(state, *args)
+                state, m = fn(state, args)
                 losses.append(float(m["loss"]))
-        results.append((losses, jax.tree.map(np.asarray, state["params"])))
+        results.append((losses, jax.tree.map(np.asarray, state["nets"]["dit"]["params"])))
     for other in results[1:]:
         np.testing.assert_allclose(other[0], results[0][0], rtol=1e-5)
         _assert_same_grads(other[1], results[0][1])

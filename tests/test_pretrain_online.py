@@ -54,7 +54,9 @@ def test_raw_source_matches_the_cache_examples():
     from lens_jax.data.latent_cache import build_shapes_cache
     from lens_jax.data.raw_source import build_shapes_raw
     c = micro_config("online")
-    vae, encode_text, _, _, prompt_cfg, tokenizer, _ = pretrain._load_encoders(c)
+    from lens_jax.build import load_encoders
+    enc = load_encoders(c)
+    vae, encode_text, prompt_cfg, tokenizer = enc.vae, enc.encode_text, enc.prompt, enc.tokenizer
     raw = build_shapes_raw(c, tokenizer, prompt_cfg)
     cache = build_shapes_cache(c, vae, encode_text)
     assert raw.text_len == cache.txt.shape[1] and raw.grid == cache.grid and len(raw) == len(cache)

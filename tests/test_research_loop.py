@@ -39,7 +39,8 @@ def test_pretrain_writes_metrics_checkpoint_samples_and_eval(trained_workdir):
     rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert all(np.isfinite(r["loss"]) and r["skipped"] == 0 for r in rows)
-    assert {"grad_norm", "param_norm", "update_norm", "lr", "step_time_s", "tokens_per_s"} <= set(rows[0])
+    assert {"grad_norm", "param_norm/dit", "update_norm/dit", "lr/dit", "sigma_mean", "loss_hi_noise",
+            "step_time_s", "tokens_per_s"} <= set(rows[0])
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))
     assert os.path.exists(os.path.join(workdir, "samples", "step_000006.png"))
     with open(os.path.join(workdir, "eval", "synthetic_geneval.json")) as f:
@@ -50,6 +51,13 @@ def test_pretrain_writes_metrics_checkpoint_samples_and_eval(trained_workdir):
     rates = {k: v for k, v in ev["diagnostics"].items() if k != "objects"}
     assert all(0.0 <= v <= 1.0 for v in rates.values()) and ev["diagnostics"]["objects"] >= 0.0, ev["diagnostics"]
     assert result["overall"] == ev["overall"]
+    # GenEval's folder layout and per-image results (read by GenEval's summary_scores.py)
+    folder = os.path.join(workdir, "eval", "geneval")
+    assert sorted(os.listdir(folder)) == [f"{i:05d}" for i in range(6)]
+    assert os.listdir(os.path.join(folder, "00000", "samples")) == ["00000.png"]
+    results = [json.loads(l) for l in open(os.path.join(workdir, "eval", "results.jsonl"))]
+    assert len(results) == 6 and {"filename", "tag", "prompt", "correct", "reason", "metadata"} <= set(results[0])
+    assert ev["settings"]["weights"] == "dit.ema of step 6"
 
 
 def test_rerun_resumes_instead_of_restarting(trained_workdir):

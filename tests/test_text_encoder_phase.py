@@ -20,7 +20,7 @@ from lens_jax.configs.base import ConfigError, load_experiment
 from lens_jax.data import synthetic
 from lens_jax.models.gpt_oss import GptOssEncoder
 from lens_jax.models.gpt_oss_lm import GptOssLM, encoder_params, lm_params_from_parts, next_token_loss
-from lens_jax.phases import text_encoder as phase
+from lens_jax.recipes import text_encoder as phase
 from lens_jax.text.harmony import HARMONY_SPECIAL_TOKENS, render_prefix
 from lens_jax.text.prompt_encoding import tokenize_prompts
 from lens_jax.text.tiny_encoder import load_text_encoder
@@ -175,7 +175,7 @@ def test_micro_run(tmp_path):
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     train = [x for x in lines if "loss" in x]
     assert [x["step"] for x in train] == [1, 2, 3]
-    assert all(math.isfinite(x["loss"]) and x["tokens_per_s"] > 0 for x in train)
+    assert all(math.isfinite(x["loss"]) and x["tokens"] > 0 and x["seq_len"] == 384 for x in train)
     assert math.isfinite(lines[-1]["heldout_loss"])
     out = tmp_path / "text_encoder"
     assert (out / "tree").is_dir() and (out / "lm_head" / "tree").is_dir()

@@ -14,49 +14,41 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fm_setup import dit_spec, fm_objective
 from lens_jax.configs.base import ConfigError, optim_config
 from lens_jax.data.latent_cache import EncodedDataset
-from lens_jax.models.mmdit import MMDiT, dummy_inputs, mmdit_config
+from lens_jax.models.mmdit import MMDiT, mmdit_config
 from lens_jax.train import sharding as sharding_lib
 from lens_jax.train.checkpoints import TrainCheckpointer
 from lens_jax.train.loop import LoopOptions, NonFiniteError, StepIndexedSource, train_loop
 from lens_jax.train.metrics import MetricsWriter, Progress, peak_tflops_per_device, train_flops_per_step
 from lens_jax.train.optim import make_optimizer
-from lens_jax.train.resume import resolve_start
-from lens_jax.train.state import abstract_train_state, create_train_state
-from lens_jax.train.step import make_train_step
+from lens_jax.train.resume import resolve_start, weights_from
+from lens_jax.train.trainer import jit_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = mmdit_config("tiny", mlp_dim=96, num_layers=1)
-MU_RULE = dict(mu_lo=1.0, mu_hi=1.3, n_lo=256, n_hi=4096)
 
 
 # ----------------------------------------------------------------------------------------------------
 # In-process pieces on a one-layer tiny DiT.
 
 class Setup:
-    def __init__(self, mesh_shape=(8, 1, 1), ema=0.9, num_steps=20):
+    def __init__(self, mesh_shape=(8, 1, 1), ema=0.9, num_steps=20, load=None):
         self.mesh = sharding_lib.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
         self.model = MMDiT(CFG)
         self.optimizer, self.schedule = make_optimizer(optim_config(3e-3), num_steps)
-        self.dummy = dummy_inputs(CFG)
-        self.ema = ema
-        self.abstract, self.shardings = abstract_train_state(self.model, self.optimizer, self.dummy, self.mesh,
-                                                             sharding_lib.DEFAULT_RULES, ema > 0)
+        self.spec = dit_spec(self.model, self.optimizer, self.schedule, ema_decay=ema, load=load)
+        self.abstract, self.shardings = self.spec.abstract(self.mesh)
 
     def create(self, seed=0):
         """A fresh state: initialised once per Setup (one compile), then copied and shifted by `seed`."""
         if not hasattr(self, "_base"):
-            self._base = create_train_state(self.model, self.optimizer, self.dummy, self.mesh,
-                                            sharding_lib.DEFAULT_RULES, 0, self.ema > 0)[0]
+            self._base = self.spec.create(self.mesh)
         return jax.tree.map(lambda x: x + seed if jnp.issubdtype(x.dtype, jnp.floating) else x.copy(), self._base)
 
     def jit_step(self, batch_shardings):
-        fn = make_train_step(self.model, self.optimizer, self.schedule, mu=-1.0, mu_rule=MU_RULE, sigma_std=1.0,
-                             caption_dropout=0.1, ema_decay=self.ema)
-        with jax.set_mesh(self.mesh):
-            return jax.jit(fn, in_shardings=(self.shardings, batch_shardings),
-                           out_shardings=(self.shardings, sharding_lib.replicated(self.mesh)), donate_argnums=(0,))
+        return jit_step(self.spec, [fm_objective(self.model)], self.mesh, batch_shardings)[0]
 
 
 @pytest.fixture(scope="module")
@@ -68,137 +60,163 @@ def _leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def _tiny_tree(v):   # 128 KiB of random float32 (incompressible), so the array lands in its own data file
+def _kernel(state):
+    return state["nets"]["dit"]["params"]["transformer_blocks"]["img_mlp"]["w1"]["kernel"]
+
+
+def _tiny_state(v):   # 128 KiB of random float32 (incompressible), so the array lands in its own data file
     w = np.random.default_rng(v).standard_normal(32768).astype(np.float32)
     w[0] = v
-    return {"w": jnp.asarray(w), "step": jnp.asarray(v, jnp.int32)}
+    return {"nets": {"w": {"params": {"w": jnp.asarray(w)}}}, "step": jnp.asarray(v, jnp.int32),
+            "rng": jnp.zeros((2,), jnp.uint32)}
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def test_checkpoint_items_restore_into_4_and_1_devices(setup8, tmp_path):
     state = setup8.create()
-    kernel = state["params"]["transformer_blocks"]["img_mlp"]["w1"]["kernel"]
-    assert len(kernel.sharding.device_set) == 8
-    ckpt = TrainCheckpointer(str(tmp_path / "ck"))
+    assert len(_kernel(state).sharding.device_set) == 8
+    ckpt = TrainCheckpointer(str(tmp_path / "ck"), nets=("dit",))
     ckpt.save(5, state, json.dumps({"name": "t"}), data_state={"step": 5, "epoch": 0})
     ckpt.close()
+    assert {"config", "data_iter", "dit", "train"} <= set(os.listdir(tmp_path / "ck" / "5"))
     want = _leaves(state)
     for shape in [(2, 1, 2), (1, 1, 1)]:
         target = Setup(shape)
-        ck = TrainCheckpointer(str(tmp_path / "ck"))
+        ck = TrainCheckpointer(str(tmp_path / "ck"))          # a reader finds the nets on disk
+        assert ck.nets == ("dit",)
         step, restored, data_state = ck.restore_latest(target.abstract)
         assert step == 5 and data_state == {"step": 5, "epoch": 0}
         assert ck.read_config(5) == {"name": "t"}
         ck.close()
         for a, b in zip(want, _leaves(restored)):
             np.testing.assert_array_equal(a, b)
-        k = restored["params"]["transformer_blocks"]["img_mlp"]["w1"]["kernel"]
+        k = _kernel(restored)
         assert k.sharding.mesh.devices.shape == shape
-        assert k.sharding == target.shardings["params"]["transformer_blocks"]["img_mlp"]["w1"]["kernel"]
+        assert k.sharding == _kernel(target.shardings)
         assert len(k.sharding.device_set) == int(np.prod(shape))
 
 
 def test_retention_keeps_the_last_n_and_every_kth(tmp_path):
-    ckpt = TrainCheckpointer(str(tmp_path), max_to_keep=2, keep_every=4)
+    ckpt = TrainCheckpointer(str(tmp_path), nets=("w",), max_to_keep=2, keep_every=4)
     for s in range(1, 10):
-        ckpt.save(s, _tiny_tree(s), "{}", data_state={"step": s})
+        ckpt.save(s, _tiny_state(s), "{}", data_state={"step": s})
     ckpt.wait()
     assert ckpt.all_steps() == [4, 8, 9]
-    assert ckpt.save(9, _tiny_tree(9), "{}") is False            # a step is written once
+    assert ckpt.save(9, _tiny_state(9), "{}") is False            # a step is written once
     ckpt.close()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")   # orbax's abandoned read
 def test_a_broken_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     d = tmp_path / "checkpoints"
-    ckpt = TrainCheckpointer(str(d))
+    ckpt = TrainCheckpointer(str(d), nets=("w",))
     for s in (2, 4):
-        ckpt.save(s, _tiny_tree(s), "{}", data_state={"step": s})
+        ckpt.save(s, _tiny_state(s), "{}", data_state={"step": s})
     ckpt.close()
-    data_files = sorted(glob.glob(str(d / "4" / "state" / "**" / "d" / "*"), recursive=True), key=os.path.getsize)
+    data_files = sorted(glob.glob(str(d / "4" / "w" / "**" / "d" / "*"), recursive=True), key=os.path.getsize)
     with open(data_files[-1], "r+b") as f:                      # a truncated write
         f.truncate(os.path.getsize(data_files[-1]) // 2)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _tiny_tree(0))
-    ckpt = TrainCheckpointer(str(d))
+    abstract = _abstract(_tiny_state(0))
+    ckpt = TrainCheckpointer(str(d), nets=("w",))
     with pytest.warns(UserWarning, match="failed to restore"):
         step, state, data_state = ckpt.restore_latest(abstract, log=lambda *_: None)
-    assert step == 2 and data_state == {"step": 2} and float(state["w"][0]) == 2.0
+    assert step == 2 and data_state == {"step": 2} and float(state["nets"]["w"]["params"]["w"][0]) == 2.0
     assert ckpt.all_steps() == [2] and len(os.listdir(str(d) + ".corrupt")) == 1
-    ckpt.save(4, _tiny_tree(40), "{}")                          # the step number is free again
+    ckpt.save(4, _tiny_state(40), "{}")                         # the step number is free again
     ckpt.close()
-    ckpt = TrainCheckpointer(str(d))
+    ckpt = TrainCheckpointer(str(d), nets=("w",))
     assert ckpt.restore_latest(abstract)[0] == 4
     ckpt.close()
 
 
 def test_a_checkpoint_of_another_model_config_is_an_error_and_stays_in_place(tmp_path):
     d = tmp_path / "checkpoints"
-    ckpt = TrainCheckpointer(str(d))
+    ckpt = TrainCheckpointer(str(d), nets=("dit",))
     blocks = {f"blocks_{i}": {"kernel": jnp.ones((3, 2))} for i in range(2)}        # an unrolled model
-    ckpt.save(3, {"params": blocks, "step": jnp.asarray(3)}, "{}", data_state={"step": 3})
+
+    def state(params):
+        return {"nets": {"dit": {"params": params}}, "step": jnp.asarray(3), "rng": jnp.zeros((2,), jnp.uint32)}
+    ckpt.save(3, state(blocks), "{}", data_state={"step": 3})
     ckpt.close()
-
-    def abstract(params):
-        tree = {"params": params, "step": jnp.asarray(0)}
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
     scanned = {"blocks": {"kernel": jnp.ones((2, 3, 2))}}                               # the same, nn.scan-stacked
     wider = {f"blocks_{i}": {"kernel": jnp.ones((3, 4))} for i in range(2)}
     ckpt = TrainCheckpointer(str(d))
     with pytest.raises(ConfigError, match=r"lacks blocks; it holds blocks_0, blocks_1, which this config"):
-        ckpt.restore_latest(abstract(scanned), log=lambda *_: None)
+        ckpt.restore_latest(_abstract(state(scanned)), log=lambda *_: None)
     with pytest.raises(ConfigError, match=r"shapes differ \(checkpoint vs config\): blocks_0/kernel \(3, 2\) "
                                           r"vs \(3, 4\)"):
-        ckpt.restore(3, abstract(wider))
+        ckpt.restore(3, _abstract(state(wider)))
+    other = {"nets": {"student": {"params": blocks}}, "step": jnp.asarray(0), "rng": jnp.zeros((2,), jnp.uint32)}
+    with pytest.raises(ConfigError, match=r"holds no net 'student' \(it holds \['dit'\]\)"):
+        ckpt.restore(3, _abstract(other))
     assert ckpt.all_steps() == [3] and not os.path.exists(str(d) + ".corrupt")       # nothing moved aside
-    step, state, _ = ckpt.restore_latest(abstract(blocks))                              # the right config restores
-    assert step == 3 and float(state["params"]["blocks_1"]["kernel"][0, 0]) == 1.0
+    step, restored, _ = ckpt.restore_latest(_abstract(state(blocks)))                 # the right config restores
+    assert step == 3 and float(restored["nets"]["dit"]["params"]["blocks_1"]["kernel"][0, 0]) == 1.0
     ckpt.close()
 
 
-def test_resume_order_workdir_then_resume_from_then_init_from_then_scratch(setup8, tmp_path):
+def test_a_checkpoint_of_the_single_state_layout_is_named_as_such(tmp_path):
+    d = tmp_path / "checkpoints" / "7" / "state"
+    os.makedirs(d)
+    ckpt = TrainCheckpointer(str(tmp_path / "checkpoints"), read_only=True)
+    with pytest.raises(ConfigError, match="older lens_jax"):
+        ckpt.check_params(7, "dit", {"params": {}})
+    ckpt.close()
+
+
+def test_resume_order_workdir_then_resume_from_then_weights_then_scratch(setup8, tmp_path):
     from lens_jax.checkpoints import orbax_io
     s = setup8
     trained = s.create(seed=1)
-    other = TrainCheckpointer(str(tmp_path / "other" / "checkpoints"))
+    other = TrainCheckpointer(str(tmp_path / "other" / "checkpoints"), nets=("dit",))
     other.save(7, trained, "{}", data_state={"step": 7})
     other.close()
-    params_host = jax.tree.map(np.asarray, trained["params"])
+    params_host = jax.tree.map(np.asarray, trained["nets"]["dit"]["params"])
     orbax_io.save_weights(str(tmp_path / "converted"), {"params": params_host},
                           dict(kind="lens_dit", preset="tiny", config=dataclasses.asdict(CFG)))
-    quiet = dict(log=lambda *_: None, model_config=CFG)
+    quiet = dict(log=lambda *_: None)
 
-    def start(workdir, **kw):
-        ck = TrainCheckpointer(str(tmp_path / workdir / "checkpoints"))
+    def start(workdir, setup=s, **kw):
+        ck = TrainCheckpointer(str(tmp_path / workdir / "checkpoints"), nets=("dit",))
         try:
-            return resolve_start(ck, s.abstract, s.create, **kw, **quiet)
+            return resolve_start(ck, setup.spec, setup.mesh, **kw, **quiet)
         finally:
             ck.close()
 
     st = start("a")
     assert (st.origin, st.step, st.data_state) == ("scratch", 0, None)
-    st = start("b", resume_from=str(tmp_path / "other"), init_from=str(tmp_path / "converted"))
+    loading = Setup(load=weights_from(str(tmp_path / "converted"), "dit", option="config.init_from", kind="lens_dit",
+                                      model_config=CFG, **quiet))
+    st = start("b", setup=loading, resume_from=str(tmp_path / "other"))
     assert (st.origin, st.step, st.data_state) == ("resume_from", 7, {"step": 7})
     for a, b in zip(_leaves(trained), _leaves(st.state)):
         np.testing.assert_array_equal(a, b)
-    for init_from in (str(tmp_path / "converted"), str(tmp_path / "other")):
-        st = start("c", init_from=init_from)
+    for source in (str(tmp_path / "converted"), str(tmp_path / "other")):
+        setup = Setup(load=weights_from(source, "dit", option="config.init_from", kind="lens_dit", model_config=CFG,
+                                        **quiet))
+        st = start("c", setup=setup)
         assert (st.origin, st.step) == ("init_from", 0)
         assert int(st.state["step"]) == 0
-        for a, b, e in zip(_leaves(trained["params"]), _leaves(st.state["params"]), _leaves(st.state["ema_params"])):
+        dit = st.state["nets"]["dit"]
+        for a, b, e in zip(_leaves(trained["nets"]["dit"]["params"]), _leaves(dit["params"]), _leaves(dit["ema"])):
             np.testing.assert_array_equal(a, b)
             np.testing.assert_array_equal(a, e)
-        k = st.state["params"]["transformer_blocks"]["img_mlp"]["w1"]["kernel"]
-        assert k.sharding == s.shardings["params"]["transformer_blocks"]["img_mlp"]["w1"]["kernel"]
+        assert _kernel(st.state).sharding == _kernel(s.shardings)
+        assert all(float(jnp.sum(jnp.abs(x))) == 0 for x in jax.tree.leaves(dit["opt_state"][1][0].mu))  # fresh Adam
     # This workdir's own checkpoint wins over everything else.
-    own = TrainCheckpointer(str(tmp_path / "d" / "checkpoints"))
+    own = TrainCheckpointer(str(tmp_path / "d" / "checkpoints"), nets=("dit",))
     own.save(3, s.create(seed=2), "{}", data_state={"step": 3})
     own.close()
-    st = start("d", resume_from=str(tmp_path / "other"), init_from=str(tmp_path / "converted"))
+    st = start("d", setup=loading, resume_from=str(tmp_path / "other"))
     assert (st.origin, st.step) == ("workdir", 3)
     bad = dict(kind="lens_dit", preset="tiny", config=dataclasses.asdict(mmdit_config("tiny")))
     orbax_io.save_weights(str(tmp_path / "mismatch"), {"params": params_host}, bad)
     with pytest.raises(ConfigError, match="mlp_dim"):
-        start("e", init_from=str(tmp_path / "mismatch"))
+        start("e", setup=Setup(load=weights_from(str(tmp_path / "mismatch"), "dit", option="config.init_from",
+                                                 kind="lens_dit", model_config=CFG, **quiet)))
 
 
 def _dataset(n=16):
@@ -234,7 +252,7 @@ def test_non_finite_steps_are_skipped_counted_and_abort_after_max_in_a_row(setup
     assert res.step == 5 and res.skipped_total == 1 and not res.preempted
 
     # Three in a row with max_nonfinite_steps=3: stop with the step range; checkpoints stay finite.
-    ckpt = TrainCheckpointer(str(tmp_path / "ck"), save_interval_steps=2)
+    ckpt = TrainCheckpointer(str(tmp_path / "ck"), nets=("dit",), save_interval_steps=2)
     with pytest.raises(NonFiniteError, match=r"steps 4-6"):
         try:
             train_loop(s.create(), step_fn, source(set(range(4, 100))), mesh=s.mesh, batch_shardings=shardings,
@@ -247,7 +265,7 @@ def test_non_finite_steps_are_skipped_counted_and_abort_after_max_in_a_row(setup
     assert steps and max(steps) <= 8
     _, state, _ = ckpt.restore_latest(s.abstract)
     ckpt.close()
-    assert all(np.all(np.isfinite(x)) for x in _leaves(state["params"]))
+    assert all(np.all(np.isfinite(x)) for x in _leaves(state["nets"]))
 
 
 def _read_events(path):
@@ -290,7 +308,7 @@ def test_mfu_inputs_and_progress_line():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert train_flops_per_step(CFG, 8, 16, 8) == 3 * bench.forward_flops(CFG, 8, 16, 8)
-    line = Progress(100, start=0).line(25, loss=0.5)
+    line = Progress(100, start=0, interactive=False).line(25, loss=0.5)
     assert "25/100" in line and "25.0%" in line and "ETA" in line and "loss=0.5" in line
 
 

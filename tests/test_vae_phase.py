@@ -11,7 +11,7 @@ import pytest
 from lens_jax.checkpoints.convert import load_converted
 from lens_jax.data import synthetic
 from lens_jax.models.vae import FluxVAE, encode_to_tokens, vae_config
-from lens_jax.phases import vae as vae_phase
+from lens_jax.recipes import vae as vae_phase
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(REPO, "data", "tiny", "vae")
@@ -92,7 +92,7 @@ def test_recipe_runs_at_micro_scale(tmp_path):
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [m["step"] for m in lines] == [1, 2, 3]
     for m in lines:
-        for key in ("loss", "recon", "kl", "psnr", "steps_per_s"):
+        for key in ("loss", "recon", "kl", "psnr", "step_time_s"):
             assert math.isfinite(m[key]), (key, m)
     assert (tmp_path / "vae_reconstructions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.load(open(tmp_path / "vae_summary.json"))["num_steps"] == 3

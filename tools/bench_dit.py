@@ -26,20 +26,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lens_jax.models import attention as attention_lib  # noqa: E402
+from lens_jax.models.flops import forward_flops  # noqa: E402
 from lens_jax.models.mmdit import MMDiT, image_positions, mmdit_config  # noqa: E402
-
-
-def forward_flops(cfg, batch: int, n_img: int, n_txt: int) -> float:
-    """Matmul FLOPs of one forward pass (both streams, all blocks, embeddings and final layer)."""
-    d, f, L = cfg.hidden, cfg.mlp_dim, cfg.num_layers
-    t = n_img + n_txt
-    per_token_block = 2 * (d * 3 * d + d * d + 3 * d * f)          # QKV, out-proj, SwiGLU (w1, w3, w2)
-    linear = L * t * per_token_block
-    attention = L * 2 * 2 * t * t * d                             # QK^T and PV
-    modulation = L * 2 * 2 * d * 6 * d + 2 * (cfg.timestep_dim * d + d * d) + 2 * d * 2 * d
-    embed = 2 * n_img * cfg.in_channels * d + 2 * n_txt * cfg.num_text_layers * cfg.text_dim * d \
-        + 2 * n_img * d * cfg.out_channels
-    return float(batch * (linear + attention + modulation + embed))
 
 
 def bench(cfg, attention, batch, res, text_len, dtype, iters, warmup):

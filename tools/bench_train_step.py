@@ -7,10 +7,10 @@ For the CPU research loop, where the step is what the 10-minute budget is spent 
   python tools/bench_train_step.py --variants=scan_layers=False --batch=128 --text_len=44
 
 Each variant (comma-separated `field=value` settings of config.model, or `default`) builds the experiment's DiT,
-AdamW and EMA exactly as the pretrain phase does (`make_train_step` over one device) and times `--iters` steps after
+AdamW and EMA exactly as the pretrain phase does (`pretrain_state` and the trainer's `jit_step`, one device) and times `--iters` steps after
 `--warmup` steps on one fixed batch: image tokens [batch, (side/16)^2, C], text features [batch, text_len, F] with
 the last quarter of the text padded (mask False), as in the brief-caption shapes cache. Model FLOPs per step are the
-analytic matmul count of tools/bench_dit.py times 3 (forward + backward).
+analytic matmul count of lens_jax/models/flops.py times 3 (forward + backward).
 """
 import argparse
 import json
@@ -26,12 +26,11 @@ import numpy as np  # noqa: E402
 
 from lens_jax.configs.base import load_experiment  # noqa: E402
 from lens_jax.models.mmdit import dummy_inputs, image_positions  # noqa: E402
-from lens_jax.phases.pretrain import build_dit, load_encoders  # noqa: E402
+from lens_jax import build  # noqa: E402
+from lens_jax.models.flops import forward_flops  # noqa: E402
+from lens_jax.phases.pretrain import pretrain_state  # noqa: E402
 from lens_jax.train import sharding as sharding_lib  # noqa: E402
-from lens_jax.train.optim import make_optimizer  # noqa: E402
-from lens_jax.train.state import create_train_state  # noqa: E402
-from lens_jax.train.step import make_train_step  # noqa: E402
-from tools.bench_dit import forward_flops  # noqa: E402
+from lens_jax.train.trainer import jit_step  # noqa: E402
 
 
 def parse_variant(spec: str) -> dict:
@@ -53,20 +52,13 @@ def bench(config, overrides: dict, batch: int, text_len: int, iters: int, warmup
         if k not in config.model:
             raise ValueError(f"config.model has no field {k!r}; fields: {sorted(config.model.keys())}")
         config.model[k] = type(config.model[k])(v)
-    vae, _, text_dim, text_layers = load_encoders(config)      # the DiT's input widths come from the encoders
-    model = build_dit(config, vae.token_channels, text_dim, text_layers)
+    model = build.build_dit(config, build.load_encoders(config))   # input widths checked against the encoders
     side = config.data.resolution // 16
     n_img = side * side
     mesh = sharding_lib.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-    rules = sharding_lib.validate_rules(config.sharding.rules)
-    optimizer, schedule = make_optimizer(config.optim, config.num_steps)
     dummy = dummy_inputs(model.config, batch=1, h=side, w=side, text_len=text_len)
-    state, _ = create_train_state(model, optimizer, dummy, mesh, rules, 0, config.ema_decay > 0)
-    t = config.timestep
-    step_fn = make_train_step(model, optimizer, schedule, mu=t.mu,
-                              mu_rule=dict(mu_lo=t.mu_lo, mu_hi=t.mu_hi, n_lo=t.n_lo, n_hi=t.n_hi),
-                              sigma_std=t.std, caption_dropout=config.data.caption_dropout,
-                              ema_decay=config.ema_decay, rules=rules)
+    spec, objectives, rules = pretrain_state(config, model, dummy)
+    state = spec.create(mesh)
     rng = np.random.default_rng(0)
     mask = np.arange(text_len)[None] < np.full((batch, 1), max(1, (3 * text_len) // 4))
     feats = model.config.num_text_layers * model.config.text_dim
@@ -74,8 +66,8 @@ def bench(config, overrides: dict, batch: int, text_len: int, iters: int, warmup
                 img_pos=np.broadcast_to(image_positions(side, side), (batch, n_img, 3)).copy(),
                 txt=(rng.standard_normal((batch, text_len, feats)) * mask[..., None]).astype(np.float32),
                 txt_mask=mask)
+    step, _ = jit_step(spec, objectives, mesh, sharding_lib.batch_shardings(mesh, data), rules=rules)
     with jax.set_mesh(mesh):
-        step = jax.jit(step_fn, donate_argnums=(0,))
         t0 = time.perf_counter()
         state, metrics = step(state, data)
         jax.block_until_ready(metrics)

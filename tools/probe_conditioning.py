@@ -47,7 +47,7 @@ def main(argv):
     from lens_jax.data.synthetic import COLORS, SHAPES, world_config
     from lens_jax.eval import conditioning
     from lens_jax.eval.shapes_eval import make_eval_prompts, render_prompt_ground_truth
-    from lens_jax.phases.pretrain import _load_encoders, build_dit, restore_trained_params
+    from lens_jax import build
     from lens_jax.text.prompt_encoding import tokenize_prompts
 
     config = FLAGS.config
@@ -57,13 +57,14 @@ def main(argv):
         sigmas = [float(s) for s in FLAGS.sigmas.split(",") if s.strip()]
     except ValueError:
         raise app.UsageError(f"--sigmas must be comma-separated numbers; got {FLAGS.sigmas!r}") from None
-    vae, encode_text, hidden, n_layers, prompt_cfg, tokenizer, _ = _load_encoders(config)
-    model = build_dit(config, vae.token_channels, hidden, n_layers)
+    enc = build.load_encoders(config)
+    vae, encode_text, prompt_cfg, tokenizer = enc.vae, enc.encode_text, enc.prompt, enc.tokenizer
+    model = build.build_dit(config, enc)
     try:
-        params, step = restore_trained_params(config, model, os.path.join(FLAGS.workdir, "checkpoints"))
+        params, step = build.restore_dit(config, model, FLAGS.workdir)
     except ConfigError as e:
         raise app.UsageError(str(e)) from None
-    print(f"restored step {step} of {FLAGS.workdir}")
+    print(f"restored {step}")
 
     held = config.copy_and_resolve_references()
     with held.unlocked():

@@ -21,11 +21,13 @@ import ml_dtypes
 import numpy as np
 
 from lens_jax.checkpoints import orbax_io
+from lens_jax.configs.base import DTYPES as CONFIG_DTYPES
 from lens_jax.checkpoints.safetensors_io import open_checkpoint
 
 KINDS = ("lens_dit", "flux2_vae", "gpt_oss")
 DEFAULT_PRESETS = {"lens_dit": "lens_3p8b", "flux2_vae": "flux2", "gpt_oss": "gpt_oss_20b"}
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16), "source": None}
+# Output dtypes of a conversion: the config dtype names, or 'source' (keep each tensor's own dtype).
+DTYPES = {**{name: np.dtype(dt) for name, dt in CONFIG_DTYPES.items()}, "source": None}
 
 
 def model_config(kind: str, preset: Optional[str], overrides: Optional[Dict[str, Any]] = None):

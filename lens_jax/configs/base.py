@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import jax.numpy as jnp
 import ml_collections
 
 from lens_jax.models import attention as attention_lib
@@ -18,7 +19,16 @@ class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the option to set."""
 
 
-DTYPES = ("float32", "bfloat16")
+# The one table of dtype names a config may use (compute, parameter and checkpoint dtypes).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def dtype_of(name: str, option: str = "dtype"):
+    """The jnp dtype of a config dtype name; ConfigError naming `option` otherwise."""
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"{option}={name!r}; choose one of {tuple(DTYPES)}") from None
 EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                "experiments")
 
@@ -83,11 +93,43 @@ def vae_config() -> ml_collections.ConfigDict:
 
 
 def optim_config(lr: float) -> ml_collections.ConfigDict:
-    """AdamW (0.9, 0.999) with global-norm clipping 1.0 and a constant LR (LENS_SPEC §6.1, §12.2)."""
+    """AdamW (0.9, 0.999) with global-norm clipping 1.0 and a constant LR (LENS_SPEC §6.1, §12.2); built by
+    lens_jax/train/optim.py for every phase and recipe."""
     return ml_collections.ConfigDict(dict(
         lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, clip_norm=1.0, warmup_steps=0,
-        schedule="constant",        # constant | cosine
+        schedule="constant",        # constant | cosine (to final_lr_fraction * lr at the last step)
+        final_lr_fraction=0.0,
+        # (regex over '/'-joined parameter paths, lr multiplier or None = frozen), first match wins; () = train all
+        policy=(),
     ))
+
+
+def trainer_config(c: ml_collections.ConfigDict, *, checkpoint_every: int, log_every: int) -> None:
+    """The trainer's run settings (lens_jax/train/trainer.py), set on an experiment's top level."""
+    c.log_every = log_every
+    c.checkpoint_every = checkpoint_every  # 0 = only at the end (and on SIGTERM)
+    c.keep_checkpoints = 3          # keep the newest N checkpoints ...
+    c.keep_every = 0                # ... plus every K-th step's checkpoint for good (0 = off)
+    c.resume_from = ""              # if this workdir has no checkpoint: another run's workdir, checkpoints/ or
+                                    # checkpoints/STEP dir; full state + data position, continues its step count
+    c.max_nonfinite_steps = 20      # abort after this many non-finite (skipped) steps in a row; 0 = never
+    c.tensorboard = True            # TensorBoard event files under WORKDIR/tensorboard (tensorboardX)
+
+
+def validate_trainer(config) -> None:
+    """Checks the trainer_config keys; raises ConfigError naming the option."""
+    if config.num_steps < 0:
+        raise ConfigError("config.num_steps must be non-negative")
+    if config.log_every <= 0:
+        raise ConfigError(f"config.log_every={config.log_every} must be positive")
+    if config.checkpoint_every < 0 or config.keep_every < 0:
+        raise ConfigError("config.checkpoint_every and config.keep_every must be >= 0 (0 = off)")
+    if config.keep_checkpoints < 1:
+        raise ConfigError(f"config.keep_checkpoints={config.keep_checkpoints} must be at least 1")
+    if config.max_nonfinite_steps < 0:
+        raise ConfigError(f"config.max_nonfinite_steps={config.max_nonfinite_steps} must be >= 0 (0 = never abort)")
+    if config.resume_from and not os.path.exists(config.resume_from):
+        raise ConfigError(f"config.resume_from={config.resume_from} does not exist")
 
 
 def shapes_world_config() -> ml_collections.ConfigDict:
@@ -136,4 +178,4 @@ def validate_common(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.model: {e}") from None
     for key in ("dtype", "param_dtype"):
         if m[key] not in DTYPES:
-            raise ConfigError(f"config.model.{key}={m[key]!r}; choose one of {DTYPES}")
+            raise ConfigError(f"config.model.{key}={m[key]!r}; choose one of {tuple(DTYPES)}")

@@ -11,7 +11,7 @@ Two measurements that separate "the DiT cannot draw" from "the DiT does not list
   tokens would get from uniform attention. Focus mass at or below uniform means the image stream is not
   retrieving the words that decide the picture.
 
-Both take a model and its parameters (e.g. from `phases.pretrain.restore_trained_params`); `tools/probe_conditioning.py`
+Both take a model and its parameters (e.g. from `lens_jax.build.restore_dit`); `tools/probe_conditioning.py`
 runs them on a pretrain workdir of the shapes world.
 """
 from __future__ import annotations

@@ -525,6 +525,24 @@ def render_prompt_ground_truth(prompt_meta: dict, rng: np.random.Generator, cfg:
 # Evaluation and visualisation
 # --------------------------------------------------------------------------------------------
 
+def score_image_record(image: np.ndarray, prompt: dict, colors: Sequence[str] | None = None,
+                       shapes: Sequence[str] = SHAPES) -> dict:
+    """Everything ShapesEval says about one image for one prompt dict: ``rules_correct`` (GenEval's rules),
+    ``clean`` / ``spurious`` / ``clutter_frac`` (integrity, ``analyze_image``), ``partial`` (DiffusionNFT
+    credit), ``reasons`` (GenEval-style failure reasons), ``detections`` and ``checks``
+    (``prompt_attribute_checks``)."""
+    dets, integ = analyze_image(image, colors, shapes)
+    ok, part, reasons = score_detections(dets, prompt)
+    return {"rules_correct": bool(ok), "clean": bool(integ["clean"]), "spurious": int(integ["spurious"]),
+            "clutter_frac": float(integ["clutter_frac"]), "partial": float(part), "reasons": list(reasons),
+            "detections": dets, "checks": prompt_attribute_checks(dets, prompt)}
+
+
+def image_correct(record: dict, integrity: bool = True) -> bool:
+    """An image's verdict: GenEval's rules and (with ``integrity``) the integrity gate."""
+    return bool(record["rules_correct"] and (record["clean"] or not integrity))
+
+
 def evaluate(images_per_prompt: Sequence[Sequence[np.ndarray]], prompts: Sequence[dict],
              colors: Sequence[str] | None = None, shapes: Sequence[str] = SHAPES,
              integrity: bool = True) -> dict:
@@ -555,22 +573,28 @@ def evaluate(images_per_prompt: Sequence[Sequence[np.ndarray]], prompts: Sequenc
     """
     if len(images_per_prompt) != len(prompts):
         raise ValueError(f"{len(images_per_prompt)} image lists for {len(prompts)} prompts")
+    records = [[score_image_record(img, p, colors, shapes) for img in imgs] for imgs, p in zip(images_per_prompt,
+                                                                                              prompts)]
+    return summarize(records, prompts, integrity)
+
+
+def summarize(records_per_prompt: Sequence[Sequence[dict]], prompts: Sequence[dict], integrity: bool = True) -> dict:
+    """The `evaluate` summary from per-image records (``score_image_record``), ``records_per_prompt[i]`` being
+    the records of ``prompts[i]``'s images."""
     per_task: dict[str, list[float]] = {}
     per_task_rules: dict[str, list[float]] = {}
     unseen, seen, seen_all, partials, per_prompt, clean, clutter = [], [], [], [], [], [], []
     diag: dict[str, list[float]] = {}
     n_img = 0
-    for imgs, p in zip(images_per_prompt, prompts):
+    for recs, p in zip(records_per_prompt, prompts):
         res = []
-        for img in imgs:
-            dets, integ = analyze_image(img, colors, shapes)
-            ok, part, _ = score_detections(dets, p)
-            per_task_rules.setdefault(p["tag"], []).append(float(ok))
-            clean.append(float(integ["clean"]))
-            clutter.append(integ["clutter_frac"])
-            res.append(float(ok and (integ["clean"] or not integrity)))
-            partials.append(part)
-            for k, v in prompt_attribute_checks(dets, p).items():
+        for r in recs:
+            per_task_rules.setdefault(p["tag"], []).append(float(r["rules_correct"]))
+            clean.append(float(r["clean"]))
+            clutter.append(r["clutter_frac"])
+            res.append(float(image_correct(r, integrity)))
+            partials.append(r["partial"])
+            for k, v in r["checks"].items():
                 diag.setdefault(k, []).append(v)
         n_img += len(res)
         per_task.setdefault(p["tag"], []).extend(res)

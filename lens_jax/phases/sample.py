@@ -2,7 +2,8 @@
 
 Prompts come from `config.sample.prompt_file` (one per line) or `config.sample.prompts` (';'-separated).
 The DiT comes from `config.sample.checkpoint`: a converted weights directory (tools/convert_checkpoint.py
---kind=lens_dit) or a pretrain workdir; empty means this workdir's own `checkpoints/`.
+--kind=lens_dit) or a run workdir / checkpoints dir / step dir; empty means this workdir. `config.sample.params`
+names the weights of a run ('dit', 'dit.ema', ...; '' = the EMA when kept); no optimiser state is read.
 Writes DIR/samples/NNNN.png (one per prompt and seed) and DIR/samples/settings.json.
 """
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 from PIL import Image
 
 from lens_jax.configs.base import ConfigError
@@ -43,36 +43,15 @@ def check_size(height: int, width: int) -> None:
             raise ConfigError(f"config.sample.{name}={v} must be a positive multiple of 16")
 
 
-def load_dit_params(config, workdir: str, model):
-    """Parameters for `model` from config.sample.checkpoint (converted weights or a pretrain workdir)."""
-    import jax
-    from lens_jax.checkpoints import orbax_io
-    src = config.sample.checkpoint or workdir
-    if os.path.exists(os.path.join(src, orbax_io.META_FILE)):
-        from lens_jax.checkpoints.convert import load_converted
-        kind, cfg, variables = load_converted(src)
-        if kind != "lens_dit" or cfg != model.config:
-            raise ConfigError(f"{src} holds a {kind} checkpoint whose config does not match config.model.preset")
-        return jax.tree.map(lambda x: np.asarray(x, np.float32), variables["params"]), "converted"
-    from lens_jax.phases.pretrain import restore_trained_params
-    ckpt_dir = os.path.join(src, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise ConfigError(f"no DiT checkpoint: {src} has neither lens_jax.json nor checkpoints/; "
-                          "set --config.sample.checkpoint")
-    params, step = restore_trained_params(config, model, ckpt_dir)
-    return params, f"step {step}"
-
-
 def run(config, workdir: str):
-    from lens_jax.phases.pretrain import build_dit, load_encoders
-    from lens_jax.pipeline import LensPipeline
+    from lens_jax import build
     s = config.sample
     prompts = read_prompts(s)
     check_size(s.height, s.width)
-    vae, encode_text, hidden, n_layers = load_encoders(config)
-    model = build_dit(config, vae.token_channels, hidden, n_layers)
-    params, origin = load_dit_params(config, workdir, model)
-    pipeline = LensPipeline(model, params, encode_text, vae)
+    enc = build.load_encoders(config)
+    model = build.build_dit(config, enc)
+    params, origin = build.restore_dit(config, model, s.checkpoint or workdir, params=s.get("params", ""))
+    pipeline = build.build_pipeline(model, params, enc)
     outdir = os.path.join(workdir, "samples")
     os.makedirs(outdir, exist_ok=True)
     images = pipeline.generate(prompts, s.height, s.width, s.num_steps, s.guidance, seed=s.seed,

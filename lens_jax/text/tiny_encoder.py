@@ -20,13 +20,13 @@ import jax
 import jax.numpy as jnp
 
 from lens_jax.checkpoints import convert, orbax_io
+from lens_jax.configs.base import DTYPES
 from lens_jax.models.gpt_oss import GptOssConfig, GptOssEncoder
 from lens_jax.text.harmony import DEFAULT_DATE, MAX_LENGTH
 from lens_jax.text.prompt_encoding import (PromptEncodingConfig, TextFeatures, encode_prompts, load_tokenizer,
                                            resolve_pad_id, resolve_txt_offset)
 
 TOKENIZER_DIR = "tokenizer"
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def load_text_encoder(
@@ -80,7 +80,7 @@ def load_text_encoder(
         raise ValueError(f"tokenizer has {len(tokenizer)} ids but the encoder's vocabulary is {gcfg.vocab_size}")
 
     if dtype is None:
-        dtype = _DTYPES.get(meta.get("dtype", "float32"), jnp.float32)
+        dtype = DTYPES.get(meta.get("dtype", "float32"), jnp.float32)
     model = GptOssEncoder(gcfg, dtype=dtype)
     params = {"params": variables["params"]}
 

@@ -1,8 +1,11 @@
 """Training checkpoints: the one module that calls Orbax for train state (JAX_STYLE rule 10).
 
-One `CheckpointManager` per run directory with three named items per step:
+One `CheckpointManager` per run directory with these named items per step:
 
-  state      the train-state pytree {params, opt_state, ema_params, step, rng} (StandardSave, async)
+  <net>      one item per checkpointed sub-network of the train state (lens_jax/train/state.py): its
+             {params, opt_state?, ema?} tree (StandardSave, async); e.g. `dit`, or `lora` beside a frozen base
+             that is not saved (Net.checkpoint=False) because it is reloaded from its source at every start
+  train      {step, rng}
   data_iter  the batch source's position: `source.get_state()`, a JSON-able dict, one file per process
              (`process_<i>-of-<n>.json`), so any source with get_state()/set_state(dict) plugs in
   config     the run's config as JSON
@@ -16,28 +19,32 @@ saved on 8 devices resumes on 4 or 1. `restore_latest` walks back from the newes
 fails to restore (for example a truncated file) is reported with a warning, moved aside into
 `<directory>.corrupt/` (never in read-only mode) and the previous step is tried. A readable step whose
 parameters are not the ones the current config builds (another preset, `scan_layers`, ...) is not damage:
-restoring it raises `CheckpointMismatchError` and leaves it in place. With
-`cleanup_tmp=True` (the training run) half-written steps left by a killed process are removed when the
-manager is created.
+restoring it raises `CheckpointMismatchError` and leaves it in place. `restore_weights` reads only one net's
+weights (its params or its EMA), never its optimiser state: what sampling, evaluation and weights-only
+initialisation use. With `cleanup_tmp=True` (the training run) half-written steps left by a killed process
+are removed when the manager is created.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 from lens_jax.configs.base import ConfigError
 
-ITEMS = ("state", "data_iter", "config")
+FIXED_ITEMS = ("train", "data_iter", "config")
+LEGACY_ITEM = "state"          # the single-DiT layout written before named sub-networks
 
 
 def _any_process(flag: bool) -> bool:
@@ -53,7 +60,7 @@ class CheckpointMismatchError(ConfigError):
 
 
 def _param_shapes(tree) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
-    """{path under 'params' (tuple of keys): shape} of a train-state tree or its Orbax metadata."""
+    """{path under 'params' (tuple of keys): shape} of a net item's tree or of its Orbax metadata."""
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree.get("params", {})):
         keys = tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
@@ -144,7 +151,7 @@ def find_checkpoint_dir(path: str) -> Tuple[str, Optional[int]]:
     if os.path.isdir(os.path.join(path, "checkpoints")):
         return os.path.join(path, "checkpoints"), None
     base = os.path.basename(path.rstrip("/"))
-    if base.isdigit() and os.path.isdir(os.path.join(path, "state")):
+    if base.isdigit() and any(os.path.isdir(os.path.join(path, n)) for n in ("train", LEGACY_ITEM)):
         return os.path.dirname(path), int(base)
     if any(n.isdigit() for n in os.listdir(path)):
         return path, None
@@ -152,28 +159,61 @@ def find_checkpoint_dir(path: str) -> Tuple[str, Optional[int]]:
                             "nor a checkpoint step directory")
 
 
+def stored_items(directory: str) -> List[str]:
+    """Item names found in the step directories of a checkpoints directory (sorted)."""
+    names = set()
+    if os.path.isdir(directory):
+        for step in os.listdir(directory):
+            d = os.path.join(directory, step)
+            if step.isdigit() and os.path.isdir(d):
+                names.update(n for n in os.listdir(d) if os.path.isdir(os.path.join(d, n)) and not n.startswith("."))
+    return sorted(names)
+
+
+@contextlib.contextmanager
+def _quiet_absl(active: bool):
+    old = absl_logging.get_verbosity()
+    if active and old > absl_logging.ERROR:
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(old)
+
+
 class TrainCheckpointer:
-    def __init__(self, directory: str, max_to_keep: int = 3, save_interval_steps: int = 0, async_save: bool = True,
-                 keep_every: int = 0, read_only: bool = False, cleanup_tmp: bool = False):
+    """Saves and restores train states of named nets (see the module docstring).
+
+    nets: the checkpointed nets of the run that writes; a reader may leave it empty, and then the nets are
+    those found on disk.
+    """
+
+    def __init__(self, directory: str, nets: Sequence[str] = (), max_to_keep: int = 3, save_interval_steps: int = 0,
+                 async_save: bool = True, keep_every: int = 0, read_only: bool = False, cleanup_tmp: bool = False):
         self.directory = os.path.abspath(directory)
         self.read_only = read_only
         self._save_interval = int(save_interval_steps)
+        found = [n for n in stored_items(self.directory) if n not in FIXED_ITEMS]
+        self.declared = tuple(nets)
+        self.nets = tuple(dict.fromkeys(list(nets) + found))
         preserve = [ocp_managers.LatestN(max_to_keep)]
         if keep_every and keep_every > 0:
             preserve.append(ocp_managers.EveryNSteps(int(keep_every)))
-        # Save decisions are made here (should_save) and every save is forced: interval saves, the final
-        # save and the SIGTERM save go through one path.
-        options = ocp.CheckpointManagerOptions(
-            create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
-            # Half-written steps of a killed run; only the training run itself should clean them up (a
-            # reader such as the eval phase must not remove a save in progress).
-            cleanup_tmp_directories=cleanup_tmp and not read_only,
-            save_decision_policy=ocp_managers.SpecificStepsPolicy(steps=()),
-            preservation_policy=ocp_managers.AnyPreservationPolicy(preserve))
-        handlers = dict(state=ocp.StandardCheckpointHandler(), data_iter=DataIterHandler(),
+        handlers = {n: ocp.StandardCheckpointHandler() for n in self.nets}
+        handlers.update(train=ocp.StandardCheckpointHandler(), data_iter=DataIterHandler(),
                         config=ocp.JsonCheckpointHandler())
-        self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, item_handlers=handlers,
-                                             options=options)
+        with _quiet_absl(read_only):     # Orbax warns that a read-only directory is read-only
+            # Save decisions are made here (should_save) and every save is forced: interval saves, the final
+            # save and the SIGTERM save go through one path.
+            options = ocp.CheckpointManagerOptions(
+                create=not read_only, read_only=read_only, enable_async_checkpointing=async_save,
+                # Half-written steps of a killed run; only the training run itself should clean them up (a
+                # reader such as the eval phase must not remove a save in progress).
+                cleanup_tmp_directories=cleanup_tmp and not read_only,
+                save_decision_policy=ocp_managers.SpecificStepsPolicy(steps=()),
+                preservation_policy=ocp_managers.AnyPreservationPolicy(preserve))
+            self.manager = ocp.CheckpointManager(self.directory, item_names=tuple(handlers), item_handlers=handlers,
+                                                 options=options)
 
     # -- queries --------------------------------------------------------------------------------------
     def latest_step(self) -> Optional[int]:
@@ -188,51 +228,79 @@ class TrainCheckpointer:
     def has_item(self, step: int, item: str) -> bool:
         return os.path.isdir(os.path.join(self.directory, str(step), item))
 
+    def nets_at(self, step: int) -> List[str]:
+        """The nets stored at `step`."""
+        return [n for n in self.nets if self.has_item(step, n)]
+
+    def _check_layout(self, step: int) -> None:
+        if self.has_item(step, LEGACY_ITEM) and not self.has_item(step, "train"):
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory} was written by an older lens_jax (one 'state' item "
+                "holding a single DiT); this version stores one item per net. Retrain, or evaluate it with the "
+                "lens_jax version that wrote it; the checkpoint is left as it is.")
+
     # -- save -----------------------------------------------------------------------------------------
-    def save(self, step: int, state: Any, config_json: str, force: bool = False,
-             data_state: Optional[Dict[str, Any]] = None) -> bool:
-        """Starts an async save of `state` (+ the data-iterator state and config). Every process calls it."""
-        del force   # every save is explicit (see __init__)
+    def save(self, step: int, state: Any, config_json: str, data_state: Optional[Dict[str, Any]] = None,
+             nets: Optional[Sequence[str]] = None) -> bool:
+        """Starts an async save of the state's nets (`nets`, default the ones this checkpointer was made for, or
+        all of the state's when it was made for none), step and rng, the data-iterator state and the config.
+        Every process calls it. Returns False when `step` is already saved."""
         if step in self.manager.all_steps():
             return False
-        items = dict(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(json.loads(config_json)))
+        if nets is None:
+            nets = [n for n in state["nets"] if n in self.declared] if self.declared else list(state["nets"])
+        names = list(nets)
+        unknown = [n for n in names if n not in self.nets]
+        if unknown:
+            raise ValueError(f"nets {unknown} were not declared when this checkpointer was made ({self.nets})")
+        items = {n: ocp.args.StandardSave(state["nets"][n]) for n in names}
+        items.update(train=ocp.args.StandardSave(dict(step=state["step"], rng=state["rng"])),
+                     config=ocp.args.JsonSave(json.loads(config_json)))
         if data_state is not None:
             items["data_iter"] = DataIterSave(dict(data_state))
         return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     # -- restore --------------------------------------------------------------------------------------
-    def check_params(self, step: int, abstract_state: Any) -> None:
-        """Raises CheckpointMismatchError if `step`'s saved parameters (paths and shapes, from the
-        checkpoint's metadata) are not those of `abstract_state`, i.e. it was written with another model
-        config. Unreadable metadata passes (the restore itself then reports the damage)."""
+    def check_params(self, step: int, name: str, abstract_entry: Any) -> None:
+        """Raises CheckpointMismatchError if net `name`'s saved parameters (paths and shapes, from the
+        checkpoint's metadata) are not those of `abstract_entry` ({'params': ...}), i.e. it was written with
+        another model config. Unreadable metadata passes (the restore itself then reports the damage)."""
+        self._check_layout(step)
+        if not self.has_item(step, name):
+            raise CheckpointMismatchError(
+                f"checkpoint step {step} in {self.directory} holds no net {name!r} (it holds "
+                f"{self.nets_at(step) or 'no nets'}); it was written by another phase or config. Use another "
+                "workdir; the checkpoint is left as it is.")
         try:
-            saved = _param_shapes(getattr(self.manager.item_metadata(step)["state"], "tree", None) or {})
+            saved = _param_shapes(getattr(self.manager.item_metadata(step)[name], "tree", None) or {})
         except Exception:   # noqa: BLE001 - damaged or foreign metadata: left to the restore
             return
         if not saved:
             return
-        diff = params_mismatch(saved, _param_shapes(abstract_state))
+        diff = params_mismatch(saved, _param_shapes(abstract_entry))
         if diff:
             raise CheckpointMismatchError(
-                f"checkpoint step {step} in {self.directory} holds a different DiT than this config builds: "
+                f"checkpoint step {step} in {self.directory} holds a different {name!r} than this config builds: "
                 f"{diff}. It was written with another model config (config.model: preset, scan_layers, ...; "
                 f"that run's config is saved in {os.path.join(self.directory, str(step), 'config')}). Run with "
                 "that config, or use another workdir; the checkpoint is left as it is.")
 
-    def restore(self, step: int, abstract_state: Any) -> Any:
-        """The train state of `step`, placed as `abstract_state` says (shapes, dtypes, shardings)."""
-        self.check_params(step, abstract_state)
-        out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-        return out["state"]
-
     def restore_full(self, step: int, abstract_state: Any) -> Tuple[Any, Optional[Dict[str, Any]]]:
-        """(state, data-iterator state or None when the checkpoint has no data_iter item)."""
-        self.check_params(step, abstract_state)
-        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        """(state with the nets of `abstract_state`, data-iterator state or None when the step has none)."""
+        for name, entry in abstract_state["nets"].items():
+            self.check_params(step, name, entry)
+        items = {n: ocp.args.StandardRestore(e) for n, e in abstract_state["nets"].items()}
+        items["train"] = ocp.args.StandardRestore(dict(step=abstract_state["step"], rng=abstract_state["rng"]))
         if self.has_item(step, "data_iter"):
             items["data_iter"] = DataIterRestore()
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return out["state"], (out["data_iter"] if "data_iter" in items else None)
+        state = dict(nets={n: out[n] for n in abstract_state["nets"]}, step=out["train"]["step"],
+                     rng=out["train"]["rng"])
+        return state, (out["data_iter"] if "data_iter" in items else None)
+
+    def restore(self, step: int, abstract_state: Any) -> Any:
+        """The train state of `step`, placed as `abstract_state` says (shapes, dtypes, shardings)."""
+        return self.restore_full(step, abstract_state)[0]
 
     def restore_latest(self, abstract_state: Any, step: Optional[int] = None, log=print
                        ) -> Optional[Tuple[int, Any, Optional[Dict[str, Any]]]]:
@@ -281,15 +349,32 @@ class TrainCheckpointer:
             multihost_utils.sync_global_devices(f"lens_jax_quarantine_{step}")
         self.manager.reload()
 
-    def restore_params(self, step: int, abstract_params: Any) -> Any:
-        """Only state['params'] of `step` (weights-only initialisation), placed as `abstract_params` says."""
-        target = {"params": abstract_params}
+    def restore_weights(self, step: int, name: str, abstract_params: Any, part: str = "params") -> Any:
+        """Only net `name`'s `part` ('params' or 'ema') of `step`, placed as `abstract_params` says; the
+        optimiser state is never read. The EMA of a net trained under a freezing policy holds only the trained
+        leaves; its frozen leaves are taken from the params."""
+        if part not in ("params", "ema"):
+            raise ValueError(f"part={part!r}; choose 'params' or 'ema'")
+        self.check_params(step, name, {"params": abstract_params})
+        if part == "ema":
+            try:
+                has_ema = "ema" in (getattr(self.manager.item_metadata(step)[name], "tree", None) or {})
+            except Exception:   # noqa: BLE001 - unreadable metadata: the restore reports it
+                has_ema = True
+            if not has_ema:
+                raise CheckpointMismatchError(f"net {name!r} at step {step} in {self.directory} keeps no EMA "
+                                              "(it was trained with ema_decay 0); use its params")
+        target = {part: abstract_params}
         restore_args = jax.tree.map(
             lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype, global_shape=x.shape), target)
         with ocp.PyTreeCheckpointer() as ckptr:
-            out = ckptr.restore(os.path.join(self.directory, str(step), "state"), args=ocp.args.PyTreeRestore(
+            out = ckptr.restore(os.path.join(self.directory, str(step), name), args=ocp.args.PyTreeRestore(
                 item=target, restore_args=restore_args, partial_restore=True))
-        return out["params"]
+        weights = out[part]
+        if part == "ema" and any(x is None for x in jax.tree.leaves(weights, is_leaf=lambda x: x is None)):
+            params = self.restore_weights(step, name, abstract_params, part="params")
+            weights = jax.tree.map(lambda e, p: p if e is None else e, weights, params, is_leaf=lambda x: x is None)
+        return weights
 
     def read_config(self, step: int) -> Optional[Dict[str, Any]]:
         path = os.path.join(self.directory, str(step), "config")

@@ -15,9 +15,10 @@ starts. `lens_jax.main` therefore calls `setup_fake_devices` first thing when `-
 XLA_FLAGS=--xla_force_host_platform_device_count=N); if something already started the backend with another
 count it raises and says so. `tools/compile_only.py` runs every configuration in its own process.
 
-What is compiled: the real `make_train_step` (the config's preset, remat policy, dtypes, optimiser, EMA,
-grad_accum_steps, online encoding) jitted with the state's and batches' shardings and `donate_argnums=(0,)`,
-on abstract inputs (`abstract_train_state` and ShapeDtypeStructs):
+What is compiled: the pretraining step the real run uses -- `phases.pretrain.pretrain_state` (the 'dit' net with
+the config's preset, remat policy, dtypes, optimiser and policy, EMA; with online encoding the frozen 'vae' and
+'text_encoder' nets) through `trainer.jit_step` (the state's and batches' shardings, `donate_argnums=(0,)`), on
+abstract inputs (the TrainSpec's abstract state and ShapeDtypeStructs):
   * stage 1 (`data.buckets=''`): one micro-batch of per_device_batch[0] x data-parallel images of
     (resolution/16)^2 tokens;
   * stage 2 (`'lens27'`): one micro-batch per base area (24/10/6 per device) padded to the area's largest
@@ -28,7 +29,9 @@ on abstract inputs (`abstract_train_state` and ShapeDtypeStructs):
 CPU caveats (printed with the figures): XLA:CPU has no cuDNN flash attention, so the 'cudnn' kernel is
 replaced by 'xla', which materialises the [B, heads, T, T] score matrix; the CPU compiler's buffer
 assignment, fusion and bf16 handling differ from the GPU compiler's. The parameter / optimiser / EMA bytes
-per device are exact (shard shapes); activation (temp) memory is an estimate of what a GPU needs.
+per device are exact (shard shapes), per net; activation (temp) memory is an estimate of what a GPU needs.
+With `config.optim.policy` freezing part of the DiT (e.g. `(("proj_out.*", 1.0), (".*", None))`) the frozen
+leaves carry no optimiser state or EMA, which the per-net figures show.
 """
 from __future__ import annotations
 
@@ -55,18 +58,6 @@ def setup_fake_devices(num_devices: int) -> None:
             f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} JAX_PLATFORMS=cpu before Python starts")
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", int(num_devices))
-
-
-def forward_flops(cfg, batch: int, n_img: int, n_txt: int) -> float:
-    """Matmul FLOPs of one DiT forward (2 per multiply-add; as tools/bench_dit.py)."""
-    d, f, n_layers = cfg.hidden, cfg.mlp_dim, cfg.num_layers
-    t = n_img + n_txt
-    linear = n_layers * t * 2 * (d * 3 * d + d * d + 3 * d * f)
-    attention = n_layers * 2 * 2 * t * t * d
-    modulation = n_layers * 2 * 2 * d * 6 * d + 2 * (cfg.timestep_dim * d + d * d) + 2 * d * 2 * d
-    embed = 2 * n_img * cfg.in_channels * d + 2 * n_txt * cfg.num_text_layers * cfg.text_dim * d \
-        + 2 * n_img * d * cfg.out_channels
-    return float(batch * (linear + attention + modulation + embed))
 
 
 def micro_batch_shapes(config, dp: int) -> List[Dict[str, Any]]:
@@ -105,14 +96,16 @@ def run(config, workdir: Optional[str] = None, log=print) -> Dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
+    from lens_jax import build
+    from lens_jax.configs.base import dtype_of
     from lens_jax.models import attention as attention_lib
-    from lens_jax.models.mmdit import MMDiT, dummy_inputs, mmdit_config
+    from lens_jax.models.flops import forward_flops
+    from lens_jax.models.mmdit import dummy_inputs
+    from lens_jax.phases.pretrain import pretrain_state
     from lens_jax.train import sharding as sharding_lib
-    from lens_jax.train.optim import make_optimizer
-    from lens_jax.train.state import abstract_train_state, state_bytes_per_device
-    from lens_jax.train.step import jit_train_step, make_train_step
+    from lens_jax.train.state import bytes_per_device
+    from lens_jax.train.trainer import jit_step
 
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     devices = jax.devices()
     if n_dev <= 0:                     # compile_only_devices=0: this machine's own devices (e.g. one GPU)
         n_dev = len(devices)
@@ -121,7 +114,6 @@ def run(config, workdir: Optional[str] = None, log=print) -> Dict[str, Any]:
     devices = devices[:n_dev]
     sharding_lib.validate_parallel_config(config)
     mesh = sharding_lib.mesh_from_config(config, devices, simulate_granules=True)
-    rules = sharding_lib.validate_rules(config.sharding.rules)
     m = config.model
     attention = m.attention
     notes = []
@@ -130,15 +122,11 @@ def run(config, workdir: Optional[str] = None, log=print) -> Dict[str, Any]:
         notes.append("attention 'cudnn' -> 'xla' on CPU: the [B, heads, T, T] scores are materialised "
                      "(cuDNN flash attention on GPU keeps them in SRAM)")
     attention_lib.get_attention(attention)
-    cfg = mmdit_config(m.preset)
-    dtype, param_dtype = dtypes[m.dtype], dtypes[m.param_dtype]
-    model = MMDiT(cfg, attention=attention, remat_policy=m.remat_policy, scan_layers=m.scan_layers,
-                  dtype=dtype, param_dtype=param_dtype)
-    optimizer, schedule = make_optimizer(config.optim, config.num_steps)
-    use_ema = config.ema_decay > 0
+    model = build.build_dit(config, attention=attention)
+    cfg = model.config
+    dtype = dtype_of(m.dtype)
 
     t0 = time.time()
-    abstract, shardings = abstract_train_state(model, optimizer, dummy_inputs(cfg), mesh, rules, use_ema)
     dp = sharding_lib.data_parallel_size(mesh)
     shapes = micro_batch_shapes(config, dp)
     s_txt = _text_len(config)
@@ -171,18 +159,19 @@ def run(config, workdir: Optional[str] = None, log=print) -> Dict[str, Any]:
     if len(batches) > 1 and k_accum > 1:
         raise ValueError("grad_accum_steps > 1 with several base areas: the areas are already micro-batches")
 
-    encode_fn, enc_abstract, enc_sh = None, None, None
+    encoding = None
     if online:
-        encode_fn, enc_abstract, enc_sh = _online_encoders(config, mesh, shapes[0], s_txt)
-    mu_rule = dict(mu_lo=config.timestep.mu_lo, mu_hi=config.timestep.mu_hi, n_lo=config.timestep.n_lo,
-                   n_hi=config.timestep.n_hi)
-    step = make_train_step(model, optimizer, schedule, mu=config.timestep.mu, mu_rule=mu_rule,
-                           sigma_std=config.timestep.std, caption_dropout=config.data.caption_dropout,
-                           ema_decay=config.ema_decay, rules=rules, grad_accum_steps=k_accum, encode_fn=encode_fn)
-    args = (abstract, batch_arg) + ((enc_abstract,) if online else ())
+        from lens_jax.models.gpt_oss import gpt_oss_config
+        from lens_jax.models.vae import vae_config
+        encoding = build.online_encoding(config, vae_config(config.vae.preset),
+                                         gpt_oss_config(config.text_encoder.preset), _offset(config), batches[0],
+                                         load=False)
+    spec, objectives, rules = pretrain_state(config, model, dummy_inputs(cfg), encoding)
+    abstract, _ = spec.abstract(mesh)
+    jitted, _ = jit_step(spec, objectives, mesh, sharding_lib.batch_shardings(mesh, batch_arg),
+                         grad_accum_steps=k_accum, rules=rules)
     with jax.set_mesh(mesh):
-        jitted = jit_train_step(step, mesh, shardings, sharding_lib.batch_shardings(mesh, batch_arg), enc_sh)
-        lowered = jitted.lower(*args)
+        lowered = jitted.lower(abstract, batch_arg)
         t_lower = time.time() - t0
         t1 = time.time()
         compiled = lowered.compile()
@@ -205,17 +194,19 @@ def run(config, workdir: Optional[str] = None, log=print) -> Dict[str, Any]:
     remat_factor = 4.0 if m.remat_policy == "full" else 3.0
     # per_device_batch is per data-parallel rank: with tensor > 1 the tensor group shares those examples.
     fwd = sum(forward_flops(cfg, sh["per_device"], sh["tokens"], s_txt) for sh in shapes)
-    state_bytes = state_bytes_per_device(abstract)
+    per_net = bytes_per_device(abstract)
     batch_bytes = sharding_lib.shard_bytes(jax.tree.leaves(batch_arg), [x.sharding for x in jax.tree.leaves(batch_arg)])
+    total_of = lambda key: sum(v[key] for v in per_net.values()) / GIB  # noqa: E731
     report = dict(
         experiment=config.get("name", ""), preset=m.preset, devices=n_dev, mesh=dict(mesh.shape),
         remat_policy=m.remat_policy, attention=attention, dtype=m.dtype, param_dtype=m.param_dtype,
-        ema=use_ema, grad_accum_steps=k_accum, features="online" if online else "cached",
+        ema=config.ema_decay > 0, grad_accum_steps=k_accum, features="online" if online else "cached",
+        policy=[list(p) for p in config.optim.get("policy", ()) or ()],
         micro_batches=[dict(area=s["area"], per_device=s["per_device"], global_batch=s["global_batch"],
                             image_tokens=s["tokens"], text_tokens=s_txt) for s in shapes],
-        params_gib=state_bytes.get("params", 0) / GIB, opt_state_gib=state_bytes.get("opt_state", 0) / GIB,
-        ema_gib=state_bytes.get("ema_params", 0) / GIB, batch_gib=batch_bytes / GIB,
-        memory_analysis={k: v / GIB for k, v in ma.items()}, total_gib=total / GIB,
+        nets={n: {k: v / GIB for k, v in b.items()} for n, b in per_net.items()},
+        params_gib=total_of("params"), opt_state_gib=total_of("opt_state"), ema_gib=total_of("ema"),
+        batch_gib=batch_bytes / GIB, memory_analysis={k: v / GIB for k, v in ma.items()}, total_gib=total / GIB,
         fits_80gb=bool(total <= GPU_BYTES),
         tflop_per_device_step=fwd * remat_factor * dp / n_dev / 1e12, tflop_global_step=fwd * remat_factor * dp / 1e12,
         xla_tflop=None if xla_flops is None else xla_flops / 1e12,
@@ -234,34 +225,6 @@ def _offset(config) -> int:
     return int(te.txt_offset if te.txt_offset >= 0 else 97)
 
 
-def _online_encoders(config, mesh, shape, s_txt):
-    """(encode_fn, abstract encoder variables, their shardings) for data.features='online'."""
-    import jax
-    import jax.numpy as jnp
-
-    from lens_jax.models.gpt_oss import GptOssEncoder, gpt_oss_config
-    from lens_jax.models.vae import FluxVAE, vae_config
-    from lens_jax.train import sharding as sharding_lib
-    from lens_jax.train.state import abstract_frozen_variables
-    from lens_jax.train.step import make_online_encoder
-
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    vae = FluxVAE(vae_config(config.vae.preset), dtype=dtypes[config.vae.dtype])
-    te = GptOssEncoder(gpt_oss_config(config.text_encoder.preset), dtype=dtypes[config.text_encoder.dtype],
-                       param_dtype=dtypes[config.text_encoder.dtype])
-    length = s_txt + _offset(config)
-    px = jax.ShapeDtypeStruct((1, shape["height"], shape["width"], 3), jnp.float32)
-    ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
-    msk = jax.ShapeDtypeStruct((1, length), jnp.bool_)
-    vae_rules = sharding_lib.validate_rules(config.sharding.vae_rules)
-    te_rules = sharding_lib.validate_rules(config.sharding.text_encoder_rules)
-    a_vae, s_vae = abstract_frozen_variables(vae, (px,), mesh, vae_rules)
-    a_te, s_te = abstract_frozen_variables(te, (ids, msk), mesh, te_rules, dtype=dtypes[config.text_encoder.dtype])
-    encode_fn = make_online_encoder(vae, te, txt_offset=_offset(config), vae_rules=vae_rules, text_rules=te_rules,
-                                    feature_dtype=dtypes[config.model.dtype])
-    return encode_fn, dict(vae=a_vae, text_encoder=a_te), dict(vae=s_vae, text_encoder=s_te)
-
-
 def format_report(r: Dict[str, Any]) -> str:
     ma = r["memory_analysis"]
     mb = ", ".join(f"{x['per_device']}x({x['image_tokens']}+{x['text_tokens']} tok)" for x in r["micro_batches"])
@@ -271,7 +234,11 @@ def format_report(r: Dict[str, Any]) -> str:
         f"{r['param_dtype']} params, EMA {r['ema']}, features {r['features']}, grad_accum {r['grad_accum_steps']}",
         f"  micro-batches per data-parallel rank: {mb}",
         f"  per device: params {r['params_gib']:.2f} GiB, optimiser {r['opt_state_gib']:.2f} GiB, "
-        f"EMA {r['ema_gib']:.2f} GiB, batch {r['batch_gib']:.2f} GiB",
+        f"EMA {r['ema_gib']:.2f} GiB, batch {r['batch_gib']:.2f} GiB"
+        + (f"; optimiser policy {r['policy']}" if r["policy"] else ""),
+        "  per net (GiB per device): " + "; ".join(
+            f"{n} params {b['params']:.3f} / optimiser {b['opt_state']:.3f} / EMA {b['ema']:.3f}"
+            for n, b in r["nets"].items()),
         "  memory_analysis per device (GiB): " + ", ".join(
             f"{k.replace('_size_in_bytes', '')} {v:.2f}" for k, v in ma.items()),
         f"  total (argument + output - alias + temp + code): {r['total_gib']:.2f} GiB per device -> "

@@ -10,13 +10,16 @@ DatasetIterator fits; `StepIndexedSource` wraps a pure function of the step (the
 may also have `metrics() -> {name: number}`: it is called right after each batch is drawn, and its values
 (e.g. data statistics of that batch) are merged into that step's logged row.
 
+The step's metrics are whatever the phase's objectives return (lens_jax/train/step.py); the loop reads only
+`skipped` (the number of non-finite updates the step left out).
+
 Per step:
   * the step's metrics are fetched one step late (after the next step is dispatched), so the host
-    never stalls the device queue; a step whose loss or gradient norm was not finite was already
-    skipped by the train step (`skipped` = 1) and is counted here; `max_nonfinite_steps` in a row
-    (0 = never) raises NonFiniteError naming the step range;
-  * rows go to metrics.jsonl / TensorBoard every `log_every` steps and at the last step: loss, norms,
-    lr, skipped, skipped_total, step_time_s, tokens_per_s and mfu (when the device's peak is known);
+    never stalls the device queue; a step with a skipped (non-finite) update is counted here;
+    `max_nonfinite_steps` such steps in a row (0 = never) raise NonFiniteError naming the step range;
+  * rows go to metrics.jsonl / TensorBoard every `log_every` steps and at the last step: the step's
+    metrics plus skipped_total, step_time_s, tokens_per_s and mfu (when the device's peak is known); before a
+    checkpoint of step s is written every row up to s is on disk;
   * SIGTERM sets a flag; after the current step every process agrees to stop, saves a checkpoint,
     waits for it to be written and returns `preempted=True` (the caller exits 0).
 
@@ -117,6 +120,18 @@ def _fault_hook():
     return int(at), getattr(signal, "SIG" + sig.upper().replace("SIG", ""))
 
 
+def _headline(m: Mapping[str, float], as_dict: bool = False):
+    """The losses, gradient norms, first learning rate and MFU of a metrics row (the progress line)."""
+    keys = [k for k in m if k.split("/")[-1] == "loss"] + [k for k in m if k.split("/")[-1] == "grad_norm"]
+    lrs = [k for k in m if k.startswith("lr/")]
+    out = {k: m[k] for k in keys}
+    if lrs:
+        out["lr" if len(lrs) == 1 else lrs[0]] = m[lrs[0]]
+    if "mfu" in m:
+        out["mfu"] = m["mfu"]
+    return out if as_dict else ", ".join(f"{k}={v:.4g}" for k, v in out.items())
+
+
 def _scalar(x) -> int:
     return int(np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x))
 
@@ -144,14 +159,14 @@ def train_loop(state, train_step: Callable, source, *, mesh, batch_shardings: Ma
     def handle(s: int, metrics, data_metrics=None) -> None:
         m = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
         track["last"] = m
-        if m.get("skipped", 0) > 0 or not np.isfinite(m.get("loss", 0.0)):
+        if m.get("skipped", 0) > 0:
             track["skipped_total"] += 1
             track["streak"] += 1
             if track["streak"] == 1:
                 track["streak_start"] = s
             if track["streak"] == 1 or track["streak"] % 10 == 0:
-                say(f"warning: non-finite loss/gradient at step {s} (loss={m.get('loss')}, "
-                    f"grad_norm={m.get('grad_norm')}): update skipped ({track['streak']} in a row)")
+                say(f"warning: non-finite loss/gradient at step {s} ({_headline(m)}): update skipped "
+                    f"({track['streak']} in a row)")
         else:
             track["streak"], track["streak_start"] = 0, None
         if s % options.log_every == 0 or s == options.num_steps:
@@ -167,8 +182,7 @@ def train_loop(state, train_step: Callable, source, *, mesh, batch_shardings: Ma
             if writer is not None:
                 writer.write(s, m)
             if progress is not None and primary:
-                extra = {"mfu": m["mfu"]} if "mfu" in m else {}
-                progress.print(s, loss=m["loss"], grad_norm=m["grad_norm"], lr=m["lr"], **extra)
+                progress.print(s, **_headline(m, as_dict=True))
         elif progress is not None and primary:
             progress.tick(s)
         n = options.max_nonfinite_steps
@@ -176,7 +190,7 @@ def train_loop(state, train_step: Callable, source, *, mesh, batch_shardings: Ma
             last = checkpointer.latest_step() if checkpointer is not None else None
             raise NonFiniteError(
                 f"{track['streak']} steps in a row with a non-finite loss or gradient (steps "
-                f"{track['streak_start']}-{s}; loss={m.get('loss')}, grad_norm={m.get('grad_norm')}); their updates "
+                f"{track['streak_start']}-{s}; {_headline(m)}); their updates "
                 f"were skipped. Stopping (config.max_nonfinite_steps={n}); the last checkpoint is "
                 f"{'step ' + str(last) if last is not None else 'none'}. Lower the learning rate or check the data.")
 
@@ -187,6 +201,9 @@ def train_loop(state, train_step: Callable, source, *, mesh, batch_shardings: Ma
     def save(s: int) -> bool:
         if checkpointer is None:
             return False
+        drain()                      # every metrics row up to s is on disk before checkpoint s exists
+        if writer is not None:
+            writer.flush()
         return checkpointer.save(s, state, config_json, data_state=source.get_state())
 
     preempted = False

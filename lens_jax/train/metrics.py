@@ -2,23 +2,27 @@
 
 `MetricsWriter` appends one JSON object per logged step to WORKDIR/metrics.jsonl (full float precision)
 and, with `tensorboard=True`, writes the same scalars to TensorBoard event files under
-WORKDIR/tensorboard (tensorboardX; no TensorFlow). On resume from step s, `resume_at=s` first rewrites
-metrics.jsonl without the rows of steps > s (written by the interrupted run after its last checkpoint)
-and purges those steps from TensorBoard, so the files equal an uninterrupted run's.
+WORKDIR/tensorboard (tensorboardX; no TensorFlow). Rows are written by a background thread, so the training
+loop never waits on the disk; `flush()` / `close()` wait for them (and re-raise a write error). On resume from
+step s, `resume_at=s` first rewrites metrics.jsonl without the rows of steps > s (written by the interrupted
+run after its last checkpoint) and purges those steps from TensorBoard, so the files equal an uninterrupted
+run's.
+
+`Progress` is a tqdm bar (shown on interactive terminals only) plus one permanent line per logged step.
 
 MFU = model FLOPs per step / step time / (peak FLOP/s per device x devices). Model FLOPs per step are
-3x the DiT's analytic forward FLOPs (forward + backward; remat recompute is not counted), from
-`forward_flops` in tools/bench_dit.py. The per-device peak comes from `config.peak_tflops` or the
-table below (dense bf16 tensor-core/MXU peaks); on CPU or an unknown device MFU is reported only
-when `config.peak_tflops` is set.
+3x the DiT's analytic forward FLOPs (lens_jax/models/flops.py; remat recompute is not counted). The
+per-device peak comes from `config.peak_tflops` or the table below (dense bf16 tensor-core/MXU peaks); on
+CPU or an unknown device MFU is reported only when `config.peak_tflops` is set.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import time
 from typing import Any, Callable, Dict, Mapping, Optional
 
@@ -45,23 +49,10 @@ def peak_tflops_per_device(device_kind: str, platform: str, override: float = 0.
     return None
 
 
-def _bench_dit_module():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "tools", "bench_dit.py")
-    if not os.path.exists(path):
-        return None
-    spec = importlib.util.spec_from_file_location("_lens_jax_bench_dit", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def train_flops_per_step(dit_config, global_batch: int, n_img: int, n_txt: int) -> Optional[float]:
-    """3 x analytic forward FLOPs of the global batch (tools/bench_dit.py); None if tools/ is absent."""
-    module = _bench_dit_module()
-    if module is None:
-        return None
-    return 3.0 * module.forward_flops(dit_config, global_batch, n_img, n_txt)
+def train_flops_per_step(dit_config, global_batch: int, n_img: int, n_txt: int) -> float:
+    """3 x analytic forward FLOPs of the global batch (lens_jax/models/flops.py)."""
+    from lens_jax.models.flops import train_flops
+    return train_flops(dit_config, global_batch, n_img, n_txt)
 
 
 def _py(v: Any):
@@ -98,16 +89,18 @@ def truncate_jsonl(path: str, last_step: int) -> int:
 
 
 class MetricsWriter:
-    """metrics.jsonl (+ TensorBoard scalars). Only the writing process should create one."""
+    """metrics.jsonl (+ TensorBoard scalars), written off the main thread. Only the writing process should
+    create one."""
 
     def __init__(self, workdir: str, filename: str = "metrics.jsonl", tensorboard: bool = False,
-                 resume_at: Optional[int] = None, log: Callable[[str], None] = print):
+                 resume_at: Optional[int] = None, log: Callable[[str], None] = print, prefix: str = "train/"):
         self.path = os.path.join(workdir, filename)
+        self.prefix = prefix
         dropped = 0
         if resume_at is not None:
             dropped = truncate_jsonl(self.path, resume_at)
             if dropped:
-                log(f"metrics.jsonl: dropped {dropped} rows after step {resume_at} (written after the last checkpoint)")
+                log(f"{filename}: dropped {dropped} rows after step {resume_at} (written after the last checkpoint)")
         self._f = open(self.path, "a")
         self._tb = None
         if tensorboard:
@@ -121,26 +114,54 @@ class MetricsWriter:
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
                                          purge_step=resume_at + 1 if purge else None,
                                          flush_secs=10)
+        self._queue: "queue.Queue" = queue.Queue()
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._work, name="lens_jax-metrics", daemon=True)
+        self._thread.start()
 
-    def write(self, step: int, metrics: Mapping[str, Any]) -> Dict[str, Any]:
-        row = {"step": int(step), **{k: _py(v) for k, v in metrics.items()}}
+    def _work(self) -> None:
+        while True:
+            row = self._queue.get()
+            try:
+                if row is None:
+                    return
+                if self._error is None:
+                    self._write(row)
+            except BaseException as e:   # noqa: BLE001 - reported on the main thread by flush / close
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _write(self, row: Dict[str, Any]) -> None:
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(f"train/{k}", v, int(step))
+                    self._tb.add_scalar(f"{self.prefix}{k}", v, int(row["step"]))
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> Dict[str, Any]:
+        """Queues one row (values converted to Python numbers now); returns it."""
+        row = {"step": int(step), **{k: _py(v) for k, v in metrics.items()}}
+        self._queue.put(row)
         return row
 
     def flush(self) -> None:
-        self._f.flush()
+        self._queue.join()
+        if self._error is not None:
+            raise RuntimeError(f"writing {self.path} failed: {self._error}") from self._error
         if self._tb is not None:
             self._tb.flush()
 
     def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+        if self._error is not None:
+            raise RuntimeError(f"writing {self.path} failed: {self._error}") from self._error
 
 
 def _fmt_time(s: float) -> str:
@@ -153,15 +174,24 @@ def _fmt_time(s: float) -> str:
 
 
 class Progress:
-    """Progress bar with rate and ETA. `print` writes a permanent line (log steps); `tick` redraws a
-    transient bar in place when the terminal is interactive (no output otherwise)."""
+    """A tqdm progress bar (interactive terminals only) and permanent lines for logged steps.
 
-    def __init__(self, total: int, start: int = 0, label: str = "step", width: int = 24, stream=None):
-        self.total, self.start, self.label, self.width = total, start, label, width
+    `print(step, **values)` writes a line ('step 25/100 loss=0.5 ... | 3.20 it/s, ETA 1m02s') above the bar;
+    `tick(step)` only moves the bar. Non-interactive output (logs, CI) gets the lines and no bar.
+    """
+
+    def __init__(self, total: int, start: int = 0, label: str = "step", stream=None,
+                 interactive: Optional[bool] = None):
+        from tqdm.auto import tqdm
+        self.total, self.start, self.label = total, start, label
         self.stream = stream or sys.stdout
         self.t0 = time.time()
-        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._last_tick = 0.0
+        if interactive is None:
+            interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interactive = interactive
+        self._bar = tqdm(total=total, initial=start, desc=label, file=self.stream, disable=not interactive,
+                         dynamic_ncols=True, leave=False, unit=label)
+        self._pos = start
 
     def line(self, step: int, **values) -> str:
         done = step - self.start
@@ -169,19 +199,25 @@ class Progress:
         rate = done / elapsed if elapsed > 0 and done > 0 else float("nan")
         eta = (self.total - step) / rate if rate and not math.isnan(rate) else float("nan")
         frac = min(1.0, step / self.total) if self.total else 1.0
-        filled = int(round(frac * self.width))
-        bar = "#" * filled + "." * (self.width - filled)
         vals = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-        return (f"{self.label} {step}/{self.total} [{bar}] {100 * frac:5.1f}% {vals} | {rate:.2f} it/s, "
+        return (f"{self.label} {step}/{self.total} ({100 * frac:.1f}%) {vals} | {rate:.2f} it/s, "
                 f"ETA {_fmt_time(eta)}")
 
+    def _move(self, step: int) -> None:
+        if step > self._pos:
+            self._bar.update(step - self._pos)
+            self._pos = step
+
     def print(self, step: int, **values) -> None:
-        prefix = "\r\033[K" if self.interactive else ""
-        print(prefix + self.line(step, **values), file=self.stream, flush=True)
+        self._move(step)
+        line = self.line(step, **values)
+        if self.interactive:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
 
     def tick(self, step: int) -> None:
-        if not self.interactive or time.time() - self._last_tick < 0.2:
-            return
-        self._last_tick = time.time()
-        self.stream.write("\r\033[K" + self.line(step))
-        self.stream.flush()
+        self._move(step)
+
+    def close(self) -> None:
+        self._bar.close()

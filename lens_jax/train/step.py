@@ -1,379 +1,304 @@
-"""The DiT flow-matching train step: one pure function, jitted with explicit shardings.
+"""The generic jitted train step: phase-supplied losses over a state of named sub-networks.
 
-    train_step = make_train_step(model, optimizer, lr_schedule, mu=..., mu_rule=..., sigma_std=...,
-                                 caption_dropout=..., ema_decay=..., rules=config.sharding.rules,
-                                 grad_accum_steps=1, encode_fn=None)
-    state, metrics = train_step(state, batches)                   # cached features
-    state, metrics = train_step(state, batches, encoder_params)   # online encoding (encode_fn given)
+    objective = Objective(loss_fn, updates=("dit",))          # loss_fn(params_by_name, batch, rng) -> (loss, metrics)
+    train_step = make_train_step(spec, [objective], grad_accum_steps=1, rules=activation_rules)
+    state, metrics = jax.jit(train_step, ...)(state, batch)    # see `jit_train_step`
 
-A batch (one micro-batch, leading axis = its global batch B):
-  img       [B, N, C]   normalised packed latents (x0)
-  img_pos   [B, N, 3]   int32 token positions
-  txt       [B, S, F]   text features (encoder layers concatenated)
-  txt_mask  [B, S]      bool, right-padded
-  img_mask  [B, N]      optional bool, for batches of padded aspect-ratio buckets
-With online encoding (`encode_fn`, see `make_online_encoder`) a batch holds raw inputs instead:
-  pixels [B, H, W, 3] in [-1, 1], input_ids [B, L] int32, attention_mask [B, L] bool (optional img_mask /
-  img_pos pass through), and the frozen encoders turn them into the fields above inside the step.
+`params_by_name` holds every net's weights under its name (the nets an objective updates as the trained leaves
+being differentiated, combined with their frozen leaves; every other net as a constant) and, for each net with
+an EMA, its EMA weights under '<name>.ema' (constants). Gradients are taken for the trained leaves of the
+objective's `updates` only; frozen nets and frozen leaves get none.
 
-`batches` is either
-  * a dict: one batch (the original behaviour; with `grad_accum_steps = k > 1` it is split into k equal
-    micro-batches inside the jit, see below), or
-  * a tuple/list of dicts: micro-batches, possibly of different shapes (one per base area, LENS_SPEC §5.5),
-    run one after the other inside the one jit (a lax.scan over the micro-batch index with one lax.switch
-    branch per shape, so the temporary memory is the largest micro-batch's; `micro_batch_loop='unroll'`
-    unrolls them in Python instead); gradients are accumulated and one update is applied.
+Several update rules per step: `objectives` run in order inside the one jit, each `repeats` times (e.g.
+distillation's four fake-score updates per student update), every update seeing the weights the previous one
+left. Each objective's update of each net applies that net's Optax optimiser; `after_fn` may then replace
+weights of any net as a pure function of the updated weights (e.g. SenseFlow's phi <- 0.97 phi + 0.03 theta).
+After all objectives every net with an EMA that was updated in this step moves its EMA:
+e <- d e + (1 - d) theta, with d = `Net.ema_decay` (a number or a function of the step, e.g. a ramped
+old-policy rate).
 
-Loss over several micro-batches: the token-weighted mean. Each micro-batch's loss is the MSE over its
-valid elements (valid image tokens x channels); micro-batch i is weighted by its number of valid image
-tokens, so the total is sum_i sum(squared errors_i) / sum_i (valid elements_i) -- exactly the loss of the
-concatenated batch. Hence splitting a batch into micro-batches changes neither loss nor gradient (up to
-float summation order), and a 1024^2 image (4096 tokens) weighs 4x a 512^2 one, as it would in one batch.
+Randomness: the step key is fold_in(state.rng, step); the first objective's first update gets the step key
+itself, update r of objective i > 0 (or r > 0) fold_in(fold_in(key, i), r).
 
-Randomness (sigma, noise, caption dropout) comes from fold_in(state.rng, step):
-  * dict batch: drawn for the whole batch as before; `grad_accum_steps` splits those same draws with the
-    batch, so accumulation is a pure memory lever and gives the full-batch gradient.
-  * tuple of micro-batches: drawn per example from fold_in(key, e) with e the example's index in the
-    concatenation of the micro-batches (distinct across micro-batches and deterministic); micro-batches
-    give the same draws, loss and gradient as their concatenation passed as a one-element tuple (a plain
-    dict uses the whole-batch scheme above, so its draws differ). Extra metrics: loss_mb{i}, each
-    micro-batch's own loss (e.g. per base area).
+Micro-batches and accumulation (the same for every objective):
+  * a dict batch with grad_accum_steps = 1: prepare_fn(batch, rng, None), then one gradient;
+  * a dict batch with grad_accum_steps = k > 1: prepare_fn on the whole batch (so its random draws are the
+    whole batch's), then k strided micro-batches (micro-batch j = examples j, j+k, ..., device-local) in a
+    lax.scan, each encoded / evaluated on its own, one accumulated gradient: a pure memory lever;
+  * a tuple of micro-batch dicts (shapes may differ, e.g. one per base area): prepare_fn(mb, rng, offset)
+    with `offset` the number of examples before it in the step, then a lax.scan over the micro-batch index
+    with one lax.switch branch per shape (sequential; the temporary memory of the largest micro-batch) or
+    Python-unrolled (`micro_batch_loop='unroll'`); `loss_mb{j}` reports each micro-batch's own loss.
+  Micro-batch j's loss enters the accumulated loss with weight w_j / sum(w) (`weight_fn`, default 1): with
+  w_j = its valid token count the total is the token-weighted mean, exactly the loss of the concatenation.
+  Metrics combine the same way; a `Mean(total, count)` metric is combined as sum(total) / sum(count).
 
-Noise: sigma = sigmoid(mu + std * n) with mu from each sample's image-token count (or a fixed mu),
-x_sigma = (1 - sigma) x0 + sigma eps, target v = eps - x0, plain MSE over valid tokens. Caption dropout
-replaces a whole caption by zero features with an all-false mask (the CFG unconditional branch).
-A step whose loss or gradient norm is not finite leaves the state unchanged and reports skipped = 1.
+Non-finite updates: an update whose loss or any gradient norm is not finite leaves every net it would change
+(weights, optimiser state, `after_fn` results, and so their EMAs) as it was, and counts in `skipped` (one
+mechanism for every net and objective; optax.apply_if_finite gates one optimiser, not a rule that updates
+several nets and their EMAs together).
 
-`grad_accum_steps = k` needs each device's share of the batch (B / data-parallel size) divisible by k: the
-split is strided (micro-batch j holds examples j, j+k, ...) so every micro-batch stays evenly spread over
-the data-parallel devices without any communication; the k micro-batches run in a `lax.scan`.
+Metrics: the objective's own metrics plus loss, grad_norm (over its nets' trained leaves), skipped, and per
+updated net grad_norm/<net> (objectives that update several nets), update_norm/<net>, param_norm/<net> and
+lr/<net> (when the Net has a schedule). With several objectives every key is prefixed '<objective name>/'
+except the step total `skipped`.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+import contextlib
+import dataclasses
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from lens_jax.diffusion import objective
-
-IMAGE_KEYS = ("img", "img_pos", "txt", "txt_mask")
+from lens_jax.train.state import EMA_SUFFIX, TrainSpec, combine, partition
 
 
-def _rules_ctx(rules):
-    import contextlib
+class Mean(NamedTuple):
+    """A metric reported as total / count, accumulated over micro-batches as sum(total) / sum(count)."""
+    total: Any
+    count: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """One update rule of the step.
+
+    loss_fn: (params_by_name, batch, rng) -> (scalar loss, {name: scalar or Mean}).
+    updates: the nets whose trained leaves this rule differentiates and updates.
+    name: prefix of its metrics when the step has several objectives.
+    repeats: updates per step (each with its own rng; `select_fn` may give each its own part of the batch).
+    prepare_fn: (batch, rng, offset) -> batch, the weight-independent preparation (random draws), run on the
+      whole batch before it is split into micro-batches (offset None) or per micro-batch of a tuple (offset =
+      examples before it).
+    weight_fn: prepared micro-batch -> its weight in the accumulated loss (default 1).
+    select_fn: (step batch, repeat index) -> the batch of this update (default: the whole step batch).
+    after_fn: (params_by_name after the update, step) -> {net: new weights}, applied when the update is finite.
+    """
+    loss_fn: Callable[[Dict[str, Any], Any, jax.Array], Tuple[jax.Array, Dict[str, Any]]]
+    updates: Tuple[str, ...]
+    name: str = ""
+    repeats: int = 1
+    prepare_fn: Optional[Callable[[Any, jax.Array, Optional[int]], Any]] = None
+    weight_fn: Optional[Callable[[Any], jax.Array]] = None
+    select_fn: Optional[Callable[[Any, int], Any]] = None
+    after_fn: Optional[Callable[[Dict[str, Any], jax.Array], Dict[str, Any]]] = None
+
+
+def rules_context(rules):
+    """The logical-axis rules as a context (a no-op without rules)."""
     return nn.logical_axis_rules(list(rules)) if rules else contextlib.nullcontext()
 
 
-def _se_sums(pred, target, img_mask):
-    """Per-example sums of squared errors and valid element counts ([B] float32 each)."""
-    se = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
-    b = se.shape[0]
-    se = se.reshape(b, se.shape[1], -1)
-    c = se.shape[-1]
-    if img_mask is None:
-        return jnp.sum(se, axis=(1, 2)), jnp.full((b,), se.shape[1] * c, jnp.float32)
-    m = img_mask.astype(bool)
-    se = jnp.where(m[..., None], se, 0.0)
-    return jnp.sum(se, axis=(1, 2)), jnp.sum(m, axis=1).astype(jnp.float32) * c
+def _where(ok, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
-def _valid_counts(mb, channels: int):
-    """Valid elements per example of a prepared micro-batch (parameter-independent)."""
-    b, n = mb["x_t"].shape[:2]
-    if mb.get("img_mask") is None:
-        return jnp.full((b,), n * channels, jnp.float32)
-    return jnp.sum(mb["img_mask"].astype(bool), axis=1).astype(jnp.float32) * channels
+def _resolve(metrics: Dict[str, Any]) -> Dict[str, jax.Array]:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, Mean):
+            c = jnp.asarray(v.count, jnp.float32)
+            out[k] = jnp.where(c > 0, jnp.asarray(v.total, jnp.float32) / jnp.where(c > 0, c, 1.0), 0.0)
+        else:
+            out[k] = v
+    return out
 
 
-def _sigma_stats(sigma, per_example):
-    """(mean sigma, mean per-example loss over the samples with sigma > 0.5) -- the original metrics."""
-    hi = sigma > 0.5
-    return jnp.mean(sigma), jnp.sum(jnp.where(hi, per_example, 0)) / jnp.maximum(jnp.sum(hi), 1)
+def _weighted(metrics, weights):
+    """Combines stacked per-micro-batch metrics ([k] leaves): Means by summing, scalars by weights ([k], sum 1)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, Mean):
+            out[k] = Mean(jnp.sum(v.total), jnp.sum(v.count))
+        else:
+            out[k] = jnp.sum(jnp.asarray(v, jnp.float32) * weights)
+    return out
 
 
-def make_train_step(model, optimizer, lr_schedule, *, mu: float, mu_rule: Dict[str, float], sigma_std: float,
-                    caption_dropout: float, ema_decay: float, rules: Optional[Sequence] = None,
-                    grad_accum_steps: int = 1, encode_fn: Optional[Callable] = None,
-                    micro_batch_loop: str = "switch") -> Callable:
-    """Returns train_step(state, batches, encoder_params=None) -> (state, metrics).
+def make_train_step(spec: TrainSpec, objectives: Sequence[Objective], *, grad_accum_steps: int = 1,
+                    micro_batch_loop: str = "switch", rules: Optional[Sequence] = None) -> Callable:
+    """Returns train_step(state, batch) -> (state, metrics) (see the module docstring).
 
-    mu < 0 selects the token-count rule `mu_rule`. rules: the logical-axis rules of the DiT; when given the
-    model's activation constraints are active (batch over ('fsdp', 'data'), heads/MLP over 'tensor'),
-    otherwise they are no-ops. grad_accum_steps: split a dict batch into this many micro-batches.
-    encode_fn: `encode_fn(encoder_params, raw_batch) -> feature batch` (see `make_online_encoder`); the
-    frozen encoders then run inside the step under stop_gradient. micro_batch_loop: how a tuple of
-    micro-batches is run -- 'switch' (a lax.scan over the micro-batch index with one lax.switch branch per
-    shape: sequential, temporary memory of the largest micro-batch) or 'unroll' (Python-unrolled; XLA:CPU
-    then adds up the micro-batches' temporaries). Both give the same numbers.
+    rules: logical-axis rules for the batch constraints of the accumulation split (the activations' 'act_batch').
     """
     if micro_batch_loop not in ("switch", "unroll"):
         raise ValueError(f"micro_batch_loop={micro_batch_loop!r}; choose 'switch' or 'unroll'")
     k_accum = int(grad_accum_steps)
     if k_accum < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
-    if not 0.0 <= float(caption_dropout) <= 1.0:
-        raise ValueError(f"caption dropout rate must be in [0, 1]; got {caption_dropout}")
+    objectives = list(objectives)
+    if not objectives:
+        raise ValueError("a train step needs at least one objective")
+    names = [o.name for o in objectives]
+    if len(objectives) > 1 and (not all(names) or len(set(names)) != len(names)):
+        raise ValueError(f"several objectives need distinct names (their metric prefixes); got {names}")
+    for o in objectives:
+        if not o.updates:
+            raise ValueError(f"objective {o.name!r} updates no net")
+        for n in o.updates:
+            if not spec[n].trainable:
+                raise ValueError(f"objective {o.name!r} updates net {n!r}, which is frozen (no optimizer)")
+        if int(o.repeats) < 1:
+            raise ValueError(f"objective {o.name!r}: repeats={o.repeats} must be >= 1")
+    multi = len(objectives) > 1
 
-    def apply(params, x_t, img_pos, txt, txt_mask, sigma, img_mask):
-        with _rules_ctx(rules):
-            return model.apply({"params": params}, x_t, img_pos, txt, txt_mask, sigma, img_mask=img_mask)
+    def params_view(nets) -> Dict[str, Any]:
+        view = {n: e["params"] for n, e in nets.items()}
+        for n, e in nets.items():
+            if "ema" in e:
+                view[n + EMA_SUFFIX] = combine(e["ema"], partition(spec[n], e["params"])[1])
+        return view
 
-    def mu_of(x0, img_mask):
-        b = x0.shape[0]
-        if mu >= 0:
-            return jnp.full((b,), mu, jnp.float32)
-        n_tok = (jnp.full((b,), x0.shape[1], jnp.float32) if img_mask is None
-                 else jnp.sum(img_mask, axis=1).astype(jnp.float32))
-        return objective.timestep_mu(n_tok, **mu_rule)
+    def gradients(obj: Objective, nets, batch, key):
+        """(loss, resolved metrics, grads {net: tree over its trained leaves}, trained, frozen)."""
+        view = params_view(nets)
+        trained, frozen = {}, {}
+        for n in obj.updates:
+            trained[n], frozen[n] = partition(spec[n], nets[n]["params"])
 
-    def draws_whole(key, x0, img_mask):
-        """The original scheme: one key split three ways for the whole batch."""
-        k_sigma, k_eps, k_drop = jax.random.split(key, 3)
-        b = x0.shape[0]
-        sigma = objective.sample_sigma(k_sigma, b, mu_of(x0, img_mask), sigma_std)
-        eps = jax.random.normal(k_eps, x0.shape, jnp.float32).astype(x0.dtype)
-        keep = jax.random.uniform(k_drop, (b,)) >= caption_dropout   # as objective.caption_dropout
-        return sigma, eps, keep
+        def loss_of(t, b, scale=None):
+            p = dict(view)
+            p.update({n: combine(t[n], frozen[n]) for n in obj.updates})
+            loss, m = obj.loss_fn(p, b, key)
+            return (loss if scale is None else loss * scale), (loss, m)
 
-    def draws_per_example(key, x0, img_mask, offset: int):
-        """Per-example draws from fold_in(key, offset + j): independent of how a batch is split."""
-        b = x0.shape[0]
-        keys = jax.vmap(lambda e: jax.random.fold_in(key, e))(offset + jnp.arange(b, dtype=jnp.uint32))
-        ks = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
-        n = jax.vmap(lambda k: jax.random.normal(k, (), jnp.float32))(ks[:, 0])
-        sigma = jax.nn.sigmoid(mu_of(x0, img_mask) + sigma_std * n)
-        eps = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(ks[:, 1]).astype(x0.dtype)
-        keep = jax.vmap(lambda k: jax.random.uniform(k, ()))(ks[:, 2]) >= caption_dropout
-        return sigma, eps, keep
+        grad = jax.value_and_grad(loss_of, has_aux=True)
+        prepare = obj.prepare_fn or (lambda b, k, offset: b)
+        weigh = obj.weight_fn or (lambda b: jnp.ones((), jnp.float32))
+        zeros = jax.tree.map(jnp.zeros_like, trained)
 
-    def prepare(mb, sigma, eps, keep):
-        """Noised inputs, target and dropped-out text of one (micro-)batch."""
-        x0 = mb["img"]
-        txt = jnp.where(keep[:, None, None], mb["txt"], jnp.zeros((), mb["txt"].dtype))
-        txt_mask = mb["txt_mask"].astype(bool) & keep[:, None]
-        return dict(x_t=objective.noise_latents(x0, eps, sigma), target=objective.velocity_target(x0, eps),
-                    img_pos=mb["img_pos"], txt=txt, txt_mask=txt_mask, sigma=sigma, img_mask=mb.get("img_mask"))
+        if isinstance(batch, dict) and k_accum == 1:
+            (_, (loss, m)), g = grad(trained, prepare(batch, key, None))
+            return loss, _resolve(m), g, trained, frozen
 
-    def sum_loss(params, p, total):
-        """sum of squared errors / total (the micro-batch's share of the token-weighted loss)."""
-        pred = apply(params, p["x_t"], p["img_pos"], p["txt"], p["txt_mask"], p["sigma"], p["img_mask"])
-        sums, counts = _se_sums(pred, p["target"], p["img_mask"])
-        return jnp.sum(sums) / total, (sums, counts)
+        if isinstance(batch, dict):
+            prepared = prepare(batch, key, None)
+            b = jax.tree.leaves(prepared)[0].shape[0]
+            if b % k_accum:
+                raise ValueError(f"batch {b} is not divisible by grad_accum_steps={k_accum}")
 
-    def encode(encoder_params, mb):
-        if encode_fn is None:
-            missing = [k for k in IMAGE_KEYS if k not in mb]
-            if missing:
-                raise ValueError(f"batch lacks {missing} (has {sorted(mb)}); raw pixels/token ids need "
-                                 "make_train_step(..., encode_fn=make_online_encoder(...))")
-            return mb
-        feats = jax.lax.stop_gradient(encode_fn(encoder_params, mb))
-        return feats
+            def split(x):   # [B, ...] -> [k, B/k, ...]; micro-batch j = examples j, j+k, ... (device-local)
+                y = jnp.swapaxes(x.reshape((b // k_accum, k_accum) + x.shape[1:]), 0, 1)
+                with rules_context(rules):
+                    return nn.with_logical_constraint(y, (None, "act_batch") + (None,) * (x.ndim - 1))
+            xs = jax.tree.map(split, prepared)
+            w = jax.lax.map(weigh, xs).astype(jnp.float32)
+            total = jnp.sum(w)
 
-    # ------------------------------------------------------------------ gradient paths
+            def body(g_acc, x):
+                mb, wj = x
+                (_, (loss, m)), g = grad(trained, mb, wj / total)
+                return jax.tree.map(jnp.add, g_acc, g), (loss, m)
+            g, (losses, ms) = jax.lax.scan(body, zeros, (xs, w))
+            frac = w / total
+            return jnp.sum(losses * frac), _resolve(_weighted(ms, frac)), g, trained, frozen
 
-    def grads_single(params, key, batch):
-        """The original one-batch path (metrics and numerics unchanged)."""
-        x0 = batch["img"]
-        img_mask = batch.get("img_mask")
-        sigma, eps, keep = draws_whole(key, x0, img_mask)
-        p = prepare(batch, sigma, eps, keep)
-
-        def loss_fn(prm):
-            pred = apply(prm, p["x_t"], p["img_pos"], p["txt"], p["txt_mask"], p["sigma"], p["img_mask"])
-            return objective.flow_matching_loss(pred, p["target"], img_mask)
-
-        (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return (loss, grads) + _sigma_stats(sigma, per_example) + ({},)
-
-    def grads_scan(params, key, batch, encoder_params=None):
-        """grad_accum_steps = k: the whole batch's draws, split strided into k micro-batches, lax.scan.
-
-        With online encoding the raw batch is split and each micro-batch is encoded inside the scan body, so
-        the frozen encoders' activations are those of B/k examples too.
-        """
-        b = jax.tree.leaves(batch)[0].shape[0]
-        if b % k_accum:
-            raise ValueError(f"batch {b} is not divisible by grad_accum_steps={k_accum}")
-        img_mask = batch.get("img_mask")
-        if encode_fn is None:
-            x0 = batch["img"]
-        else:                                   # the encoded shapes, without encoding the whole batch
-            x0 = jax.eval_shape(encode_fn, encoder_params, batch)["img"]
-        sigma, eps, keep = draws_whole(key, x0, img_mask)
-        c = x0.shape[-1]
-        counts = (jnp.full((b,), x0.shape[1] * c, jnp.float32) if img_mask is None
-                  else jnp.sum(img_mask.astype(bool), axis=1).astype(jnp.float32) * c)
-        total = jnp.maximum(jnp.sum(counts), 1.0)
-
-        def split(x):   # [B, ...] -> [k, B/k, ...]; micro-batch j = examples j, j+k, ... (device-local)
-            y = jnp.swapaxes(x.reshape((b // k_accum, k_accum) + x.shape[1:]), 0, 1)
-            with _rules_ctx(rules):
-                return nn.with_logical_constraint(y, (None, "act_batch") + (None,) * (x.ndim - 1))
-
-        if encode_fn is None:
-            p = prepare(batch, sigma, eps, keep)
-            xs = dict(p={k: split(v) for k, v in p.items() if v is not None})
-        else:
-            xs = dict(raw={k: split(v) for k, v in batch.items()}, sigma=split(sigma), eps=split(eps),
-                      keep=split(keep))
-
-        def body(g_acc, x):
-            if encode_fn is None:
-                mb = dict(x["p"], img_mask=x["p"].get("img_mask"))
-            else:
-                feats = jax.lax.stop_gradient(encode_fn(encoder_params, x["raw"]))
-                mb = prepare(feats, x["sigma"], x["eps"], x["keep"])
-            (part, (sums, cnt)), g = jax.value_and_grad(sum_loss, has_aux=True)(params, mb, total)
-            return jax.tree.map(jnp.add, g_acc, g), (part, sums / jnp.maximum(cnt, 1.0), mb["sigma"])
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, (parts, per_ex, sig) = jax.lax.scan(body, zeros, xs)
-        return (jnp.sum(parts), grads) + _sigma_stats(sig.reshape(-1), per_ex.reshape(-1)) + ({},)
-
-    def grads_micro(params, key, mbs):
-        """A tuple of micro-batches (any shapes): per-example draws, one accumulated gradient."""
+        if not (isinstance(batch, (tuple, list)) and batch and all(isinstance(x, dict) for x in batch)):
+            raise TypeError(f"batches must be a dict or a non-empty tuple/list of dicts, got {type(batch)}")
+        if k_accum != 1:
+            raise ValueError("grad_accum_steps applies to a single dict batch; a tuple of micro-batches is already "
+                             "accumulated (pass smaller micro-batches instead)")
         prepared, offset = [], 0
-        for mb in mbs:
-            x0 = mb["img"]
-            sigma, eps, keep = draws_per_example(key, x0, mb.get("img_mask"), offset)
-            offset += x0.shape[0]
-            prepared.append(prepare(mb, sigma, eps, keep))
-        counts = [jnp.sum(_valid_counts(p, p["target"].shape[-1])) for p in prepared]
-        total = jnp.maximum(sum(counts[1:], counts[0]), 1.0)
-        sigma_all = jnp.concatenate([p["sigma"] for p in prepared])
+        for mb in batch:
+            prepared.append(prepare(mb, key, offset))
+            offset += jax.tree.leaves(mb)[0].shape[0]
+        w = jnp.stack([jnp.asarray(weigh(p), jnp.float32) for p in prepared])
+        total = jnp.sum(w)
+        n = len(prepared)
 
         def one(j, g_acc):
-            """Micro-batch j: (g_acc + its gradient, its loss share, its own loss, hi-noise sum, hi-noise count)."""
-            p = prepared[j]
-            (part, (sums, cnt)), g = jax.value_and_grad(sum_loss, has_aux=True)(params, p, total)
-            g = g if g_acc is None else jax.tree.map(jnp.add, g_acc, g)
-            hi = p["sigma"] > 0.5
-            per = sums / jnp.maximum(cnt, 1.0)
-            return (g, part, jnp.sum(sums) / jnp.maximum(jnp.sum(cnt), 1.0),
-                    jnp.sum(jnp.where(hi, per, 0.0)), jnp.sum(hi).astype(jnp.float32))
+            (_, (loss, m)), g = grad(trained, prepared[j], w[j] / total)
+            return jax.tree.map(jnp.add, g_acc, g), loss, m
 
-        n = len(prepared)
         if micro_batch_loop == "unroll" or n == 1:
-            outs, grads = [], None
+            g, outs = zeros, []
             for j in range(n):
-                grads, *rest = one(j, grads)
-                outs.append(rest)
-            parts, mb_loss, hi_sum, hi_cnt = (jnp.stack(x) for x in zip(*outs))
+                g, loss, m = one(j, g)
+                outs.append((loss, m))
+            losses = jnp.stack([o[0] for o in outs])
+            ms = jax.tree.map(lambda *xs: jnp.stack(xs), *[o[1] for o in outs])
         else:
-            # A scan over the micro-batch index with one lax.switch branch per shape: XLA runs them one after
-            # the other and the step's temporary memory is the largest micro-batch's, not the sum.
+            # One lax.switch branch per shape inside a scan: XLA runs them one after the other and the step's
+            # temporary memory is the largest micro-batch's, not the sum.
             def body(g_acc, j):
-                g_acc, *rest = jax.lax.switch(j, [lambda g, j=j: one(j, g) for j in range(n)], g_acc)
-                return g_acc, tuple(rest)
-            grads, (parts, mb_loss, hi_sum, hi_cnt) = jax.lax.scan(
-                body, jax.tree.map(jnp.zeros_like, params), jnp.arange(n))
-        extra = {f"loss_mb{j}": mb_loss[j] for j in range(n)}
-        return (jnp.sum(parts), grads, jnp.mean(sigma_all), jnp.sum(hi_sum) / jnp.maximum(jnp.sum(hi_cnt), 1.0),
-                extra)
+                g_acc, loss, m = jax.lax.switch(j, [lambda g, j=j: one(j, g) for j in range(n)], g_acc)
+                return g_acc, (loss, m)
+            g, (losses, ms) = jax.lax.scan(body, zeros, jnp.arange(n))
+        frac = w / total
+        metrics = _resolve(_weighted(ms, frac))
+        metrics.update({f"loss_mb{j}": losses[j] for j in range(n)})
+        return jnp.sum(losses * frac), metrics, g, trained, frozen
 
-    # ------------------------------------------------------------------ the step
-
-    def train_step(state, batches, encoder_params=None):
+    def train_step(state, batch):
         step = state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-        if encoder_params is not None and encode_fn is None:
-            raise ValueError("encoder_params given but the step was made without encode_fn")
-        params = state["params"]
-        if isinstance(batches, dict) and k_accum == 1:
-            loss, grads, sigma_mean, loss_hi_noise, extra = grads_single(params, key, encode(encoder_params, batches))
-        elif isinstance(batches, dict):
-            if encode_fn is None:
-                encode(None, batches)                                  # checks the fields
-            loss, grads, sigma_mean, loss_hi_noise, extra = grads_scan(params, key, batches, encoder_params)
-        elif isinstance(batches, (tuple, list)) and batches and all(isinstance(b, dict) for b in batches):
-            if k_accum != 1:
-                raise ValueError("grad_accum_steps applies to a single dict batch; a tuple of micro-batches "
-                                 "is already accumulated (pass smaller micro-batches instead)")
-            mbs = [encode(encoder_params, b) for b in batches]
-            loss, grads, sigma_mean, loss_hi_noise, extra = grads_micro(params, key, mbs)
-        else:
-            raise TypeError(f"batches must be a dict or a non-empty tuple/list of dicts, got {type(batches)}")
-
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-        new_state = dict(state, params=keep(new_params, params), opt_state=keep(opt_state, state["opt_state"]),
-                         step=step + 1)
-        if state.get("ema_params") is not None:
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1 - ema_decay) * p.astype(e.dtype),
-                               state["ema_params"], new_state["params"])
-            new_state["ema_params"] = ema
-        metrics = dict(loss=loss, grad_norm=grad_norm, param_norm=optax.global_norm(new_state["params"]),
-                       update_norm=optax.global_norm(updates), lr=lr_schedule(step), sigma_mean=sigma_mean,
-                       skipped=(~ok).astype(jnp.int32), loss_hi_noise=loss_hi_noise)
-        metrics.update(extra)
+        nets = {n: dict(e) for n, e in state["nets"].items()}
+        updated = {n: jnp.zeros((), bool) for n in spec.trainable}
+        metrics: Dict[str, Any] = {}
+        skipped = jnp.zeros((), jnp.int32)
+        for i, obj in enumerate(objectives):
+            rows = []
+            for r in range(int(obj.repeats)):
+                k = key if i == 0 and r == 0 else jax.random.fold_in(jax.random.fold_in(key, i), r)
+                b = obj.select_fn(batch, r) if obj.select_fn is not None else batch
+                loss, m, grads, trained, frozen = gradients(obj, nets, b, k)
+                net_norms = {n: optax.global_norm(grads[n]) for n in obj.updates}
+                grad_norm = optax.global_norm(list(net_norms.values())) if len(net_norms) > 1 \
+                    else next(iter(net_norms.values()))
+                ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                for n in obj.updates:
+                    net = spec[n]
+                    upd, opt_state = net.optimizer.update(grads[n], nets[n]["opt_state"], trained[n])
+                    new_params = combine(optax.apply_updates(trained[n], upd), frozen[n])
+                    nets[n]["params"] = _where(ok, new_params, nets[n]["params"])
+                    nets[n]["opt_state"] = _where(ok, opt_state, nets[n]["opt_state"])
+                    updated[n] = updated[n] | ok
+                    m[f"update_norm/{n}"] = optax.global_norm(upd)
+                    m[f"param_norm/{n}"] = optax.global_norm(nets[n]["params"])
+                    if net.schedule is not None:
+                        m[f"lr/{n}"] = net.schedule(step)
+                    if len(obj.updates) > 1:
+                        m[f"grad_norm/{n}"] = net_norms[n]
+                if obj.after_fn is not None:
+                    for n, p in obj.after_fn(params_view(nets), step).items():
+                        nets[n]["params"] = _where(ok, p, nets[n]["params"])
+                        if n in updated:
+                            updated[n] = updated[n] | ok
+                bad = (~ok).astype(jnp.int32)
+                skipped = skipped + bad
+                rows.append(dict(m, loss=loss, grad_norm=grad_norm, skipped=bad))
+            row = rows[0] if len(rows) == 1 else {
+                k: (jnp.sum(jnp.stack([x[k] for x in rows])) if k == "skipped"
+                    else jnp.mean(jnp.stack([jnp.asarray(x[k], jnp.float32) for x in rows])))
+                for k in rows[0]}
+            prefix = f"{obj.name}/" if multi else ""
+            metrics.update({prefix + k: v for k, v in row.items()})
+        for n in spec.trainable:
+            net = spec[n]
+            if not net.has_ema:
+                continue
+            trained, _ = partition(net, nets[n]["params"])
+            d = jnp.asarray(net.ema_decay(step), jnp.float32) if callable(net.ema_decay) else float(net.ema_decay)
+            new_ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p.astype(e.dtype), nets[n]["ema"], trained)
+            nets[n]["ema"] = _where(updated[n], new_ema, nets[n]["ema"])
+        if multi:
+            metrics["skipped"] = skipped
+        new_state = dict(state, nets=nets, step=step + 1)
         return new_state, metrics
 
     return train_step
 
 
-def jit_train_step(train_step: Callable, mesh, state_shardings, batch_shardings, encoder_shardings=None,
-                   donate: bool = True):
+def jit_train_step(train_step: Callable, mesh, state_shardings, batch_shardings, donate: bool = True):
     """jax.jit with explicit in/out shardings and the state donated (call under `jax.set_mesh(mesh)`).
 
-    batch_shardings: a dict or a tuple of dicts (`sharding.batch_shardings(mesh, example)`), matching what
-    the loop passes. With online encoding pass the frozen encoders' shardings as `encoder_shardings`.
+    batch_shardings: a dict or a tuple of dicts (`sharding.batch_shardings(mesh, example)`), matching what the
+    loop passes. The real run and compile_only both jit the step here.
     """
     from lens_jax.train.sharding import replicated
-    in_sh = (state_shardings, batch_shardings) + (() if encoder_shardings is None else (encoder_shardings,))
-    return jax.jit(train_step, in_shardings=in_sh, out_shardings=(state_shardings, replicated(mesh)),
-                   donate_argnums=(0,) if donate else ())
-
-
-# ----------------------------------------------------------------------------- online encoding
-
-def make_online_encoder(vae_model, text_model, *, txt_offset: int, vae_rules: Optional[Sequence] = None,
-                        text_rules: Optional[Sequence] = None, feature_dtype=None) -> Callable:
-    """encode_fn(encoder_params, raw_batch) -> feature batch, for `make_train_step(encode_fn=...)`.
-
-    encoder_params = {'vae': {'params': ..., 'latent_stats': {'mean', 'var'}},
-                      'text_encoder': {'params': ...}}   (frozen; pass them to the step as an argument,
-                                                          sharded by their own rules)
-    raw_batch: pixels [B, H, W, 3] float in [-1, 1] or uint8 (H, W multiples of 16; one shape per micro-batch,
-    so a micro-batch mixing buckets of different pixel sizes is encoded outside the step instead, see
-    lens_jax/data/shard_pipeline.py `encode_micro_batch`), input_ids [B, L] int32 and
-    attention_mask [B, L] bool (the Harmony-templated, right-padded prompt, L = text_encoder.max_length);
-    img_mask / img_pos, if present, pass through (else the positions of the H/16 x W/16 grid).
-    Output: img [B, H/16*W/16, C] (VAE posterior mode, patchified, BN-normalised), img_pos, txt
-    [B, L - txt_offset, F] (the selected GPT-OSS layers, template prefix stripped, zero at padding),
-    txt_mask. Exactly what the cached-feature path stores (lens_jax/data/latent_cache.py).
-    """
-    from lens_jax.models.mmdit import image_positions
-    from lens_jax.models.vae import encode_to_tokens
-    from lens_jax.text.prompt_encoding import strip_offset
-
-    def encode_fn(encoder_params, raw):
-        pixels = raw["pixels"]
-        if pixels.dtype == jnp.uint8:                      # data.pixel_dtype='uint8': 0..255 -> [-1, 1]
-            pixels = pixels.astype(jnp.float32) / 127.5 - 1.0
-        b, hh, ww, _ = pixels.shape
-        if hh % 16 or ww % 16:
-            raise ValueError(f"pixels must be [B,H,W,3] with H, W multiples of 16; got {pixels.shape}")
-        with _rules_ctx(vae_rules):
-            img = encode_to_tokens(vae_model, encoder_params["vae"], pixels)
-        with _rules_ctx(text_rules):
-            feats = text_model.apply(encoder_params["text_encoder"], raw["input_ids"].astype(jnp.int32),
-                                     raw["attention_mask"].astype(bool))
-        txt, txt_mask = strip_offset(feats, raw["attention_mask"], txt_offset)
-        if feature_dtype is not None:
-            txt = txt.astype(feature_dtype)
-        pos = raw.get("img_pos")
-        if pos is None:
-            pos = jnp.broadcast_to(jnp.asarray(image_positions(hh // 16, ww // 16)), (b, img.shape[1], 3))
-        out = dict(img=img.astype(jnp.float32), img_pos=pos, txt=txt, txt_mask=txt_mask)
-        if raw.get("img_mask") is not None:
-            out["img_mask"] = raw["img_mask"]
-        return out
-
-    return encode_fn
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=(0,) if donate else ())

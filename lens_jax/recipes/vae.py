@@ -1,12 +1,13 @@
-"""The `vae` phase: train a small FLUX.2-architecture VAE on the shapes world, then freeze its latent
+"""The `vae` recipe (phase 'vae'): train a small FLUX.2-architecture VAE on the shapes world, then freeze its latent
 BatchNorm statistics (LENS_SPEC §3).
 
 Steps of `run(config, workdir)`:
   1. data: shapes-world renders (`lens_jax.data.synthetic`), uint8 -> float32 in [-1, 1], [B, S, S, 3];
      training indices [0, data.num_examples), held-out indices after them;
-  2. train `FluxVAE` with AdamW (global-norm clipping) in one jitted step with explicit shardings on a
-     one-device mesh; loss = l1 * mean|x - x'| + l2 * mean (x - x')^2 + kl * KL, the KL summed over latent
-     elements and averaged over the batch; one JSON line per logged step in `workdir/metrics.jsonl`;
+  2. train `FluxVAE` as net 'vae' of the shared trainer (lens_jax/train/: config.optim through train/optim.py,
+     a one-device mesh, checkpoints every `checkpoint_every` steps and exact resume); loss = l1 * mean|x - x'|
+     + l2 * mean (x - x')^2 + kl * KL, the KL summed over latent elements and averaged over the batch; one
+     JSON line per logged step in `workdir/metrics.jsonl`;
   3. latent statistics: per packed channel mean and (population) variance of `patchify(encode(x))` (posterior
      mode) over `stats_examples` training images, stored in the `latent_stats` collection;
   4. checks: held-out reconstruction PSNR (posterior mode, clamped, dB on the [0, 1] scale), and the
@@ -26,20 +27,24 @@ import time
 import zlib
 from typing import Any, Dict, Iterator, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 from lens_jax.checkpoints import orbax_io
-from lens_jax.configs.base import ConfigError
+from lens_jax.configs.base import ConfigError, validate_trainer
 from lens_jax.data import synthetic
 from lens_jax.models.vae import FluxVAE, VAEConfig, normalize_latents, patchify, vae_config
+from lens_jax.train import sharding as sharding_lib
+from lens_jax.train.loop import LoopOptions, StepIndexedSource
+from lens_jax.train.optim import make_optimizer, validate_optim
+from lens_jax.train.sharding import VAE_RULES
+from lens_jax.train.state import Net, TrainSpec
+from lens_jax.train.step import Objective
+from lens_jax.train.trainer import fit, one_device_mesh
 
 CHECKPOINT_KIND = "flux2_vae"
-METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "vae_summary.json"
 PNG_FILE = "vae_reconstructions.png"
 
@@ -74,8 +79,8 @@ def validate(config) -> VAEConfig:
     if config.stats_examples > config.data.num_examples:
         raise ConfigError(f"config.stats_examples={config.stats_examples} exceeds config.data.num_examples="
                           f"{config.data.num_examples}")
-    if config.optim.schedule not in ("constant", "cosine"):
-        raise ConfigError(f"config.optim.schedule={config.optim.schedule!r}; choose 'constant' or 'cosine'")
+    validate_optim(config.optim)
+    validate_trainer(config)
     for key in ("l1_weight", "l2_weight", "kl_weight"):
         if config.loss[key] < 0:
             raise ConfigError(f"config.loss.{key}={config.loss[key]} must be >= 0")
@@ -98,32 +103,14 @@ def render_images(cfg: synthetic.ShapesWorldConfig, indices) -> np.ndarray:
     return imgs.astype(np.float32) / 127.5 - 1.0
 
 
-def train_batches(cfg: synthetic.ShapesWorldConfig, num_examples: int, batch_size: int,
-                  seed: int) -> Iterator[np.ndarray]:
-    """Endless shuffled training batches, float32 [batch_size, S, S, 3] in [-1, 1].
-
-    Uses the Grain pipeline `synthetic.make_grain_dataset` (repeat before batch, each epoch reshuffled) when
-    grain is installed, else an equivalent NumPy loop (epoch permutations from `seed`).
-    """
-    try:
-        import grain  # noqa: F401
-    except ImportError:
-        grain = None
-    if grain is not None:
-        ds = synthetic.make_grain_dataset(cfg, num_examples, batch_size, seed=seed, caption="brief",
-                                          shuffle=True, num_epochs=None, image_format="float32")
-        i = 0
-        while True:   # MapDataset random access: batch i is a pure function of (seed, i)
-            yield np.asarray(ds[i]["image"], np.float32)
-            i += 1
-    rng = np.random.default_rng(seed)
-    buf: list = []
-    while True:
-        for idx in rng.permutation(num_examples):
-            buf.append(int(idx))
-            if len(buf) == batch_size:
-                yield render_images(cfg, buf)
-                buf = []
+def train_source(cfg: synthetic.ShapesWorldConfig, num_examples: int, batch_size: int, seed: int,
+                 step: int = 0) -> StepIndexedSource:
+    """Endless shuffled training batches {'images': float32 [batch_size, S, S, 3] in [-1, 1]}: batch i is a pure
+    function of (seed, i) (the Grain pipeline `synthetic.make_grain_dataset`, repeat before batch, each epoch
+    reshuffled), so a resumed run sees the same batches."""
+    ds = synthetic.make_grain_dataset(cfg, num_examples, batch_size, seed=seed, caption="brief", shuffle=True,
+                                      num_epochs=None, image_format="float32")
+    return StepIndexedSource(lambda i: {"images": np.asarray(ds[i]["image"], np.float32)}, step=step)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -144,55 +131,30 @@ def psnr(x: jax.Array, y: jax.Array) -> jax.Array:
     return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
 
 
-def make_schedule(optim, num_steps: int):
-    """Learning rate per step: constant (after linear warmup) or warmup + cosine decay."""
-    warmup = int(min(optim.warmup_steps, max(num_steps - 1, 0)))
-    if optim.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(
-            0.0, optim.lr, warmup, max(num_steps, warmup + 1), optim.lr * optim.get("final_lr_fraction", 0.0))
-    if warmup > 0:
-        return optax.join_schedules([optax.linear_schedule(0.0, optim.lr, warmup),
-                                     optax.constant_schedule(optim.lr)], [warmup])
-    return optax.constant_schedule(optim.lr)
-
-
-def make_optimizer(optim, num_steps: int) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(optim.clip_norm),
-        optax.adamw(make_schedule(optim, num_steps), b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                    weight_decay=optim.weight_decay))
-
-
-def make_train_step(model: FluxVAE, tx: optax.GradientTransformation, loss_cfg):
-    """Builds train_step(state, images) -> (state, metrics); state = {params, opt_state, step, rng}."""
+def vae_objective(model: FluxVAE, loss_cfg) -> Objective:
+    """loss = l1 * mean|x - x'| + l2 * mean (x - x')^2 + kl * KL of net 'vae' (metrics recon, l1, l2, kl, psnr,
+    logvar); `sample_posterior` decodes a posterior sample instead of the mode."""
     l1_w, l2_w, kl_w = float(loss_cfg.l1_weight), float(loss_cfg.l2_weight), float(loss_cfg.kl_weight)
     sample = bool(loss_cfg.sample_posterior)
 
-    def loss_fn(params, images, rng):
-        mean, logvar = model.apply({"params": params}, images, method=FluxVAE.encode_moments)
+    def loss_fn(params, batch, rng):
+        p = {"params": params["vae"]}
+        images = batch["images"]
+        mean, logvar = model.apply(p, images, method=FluxVAE.encode_moments)
         z = mean
         if sample:
             z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
-        recon = model.apply({"params": params}, z, method=FluxVAE.decode).astype(jnp.float32)
+        recon = model.apply(p, z, method=FluxVAE.decode).astype(jnp.float32)
         err = recon - images
         l1 = jnp.mean(jnp.abs(err))
         l2 = jnp.mean(jnp.square(err))
         kl = jnp.mean(kl_divergence(mean, logvar))
         rec = l1_w * l1 + l2_w * l2
         loss = rec + kl_w * kl
-        p = jnp.mean(psnr(jnp.clip(recon, -1.0, 1.0), images))
-        return loss, dict(recon=rec, l1=l1, l2=l2, kl=kl, psnr=p, logvar=jnp.mean(logvar))
+        p_db = jnp.mean(psnr(jnp.clip(recon, -1.0, 1.0), images))
+        return loss, dict(recon=rec, l1=l1, l2=l2, kl=kl, psnr=p_db, logvar=jnp.mean(logvar))
 
-    def train_step(state, images):
-        rng = jax.random.fold_in(state["rng"], state["step"])
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], images, rng)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), **aux)
-        new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1, rng=state["rng"])
-        return new_state, metrics
-
-    return train_step
+    return Objective(loss_fn=loss_fn, updates=("vae",), name="vae")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,14 +246,6 @@ def shapes_eval_ceiling(scfg: synthetic.ShapesWorldConfig, reconstruct_fn, batch
     return dict(overall=res["overall"], tasks=res["tasks"], integrity=res["integrity"], num_images=len(prompts))
 
 
-def _one_device_mesh():
-    return jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:1])
-
-
-def _finite(metrics: Dict[str, float]) -> bool:
-    return all(math.isfinite(v) for v in metrics.values())
-
-
 def run(config, workdir: str) -> Dict[str, Any]:
     """Trains the VAE, computes its latent statistics, writes checkpoint / metrics / PNG / summary.
 
@@ -308,59 +262,32 @@ def run(config, workdir: str) -> Dict[str, Any]:
     batch_size = int(config.batch_size)
 
     model = FluxVAE(vcfg)
-    mesh = _one_device_mesh()
+    mesh = one_device_mesh()
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.P("data"))
-
-    # Parameters: initialised directly on the mesh (logical boxes stripped; the model is tiny).
-    rng = jax.random.key(int(config.seed))
-    init_rng, train_rng = jax.random.split(rng)
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    init = jax.jit(lambda r: nn.meta.unbox(model.init(r, dummy)), out_shardings=replicated)
-    variables = init(init_rng)
-    params = variables["params"]
-    num_params = int(sum(x.size for x in jax.tree.leaves(params)))
-    tx = make_optimizer(config.optim, num_steps)
-    state = dict(params=params, opt_state=jax.jit(tx.init, out_shardings=replicated)(params),
-                 step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
-                 rng=jax.device_put(train_rng, replicated))
-    state_sharding = jax.tree.map(lambda _: replicated, state)
-    train_step = jax.jit(make_train_step(model, tx, config.loss),
-                         in_shardings=(state_sharding, batch_sharding),
-                         out_shardings=(state_sharding, replicated), donate_argnums=(0,))
-
-    batches = train_batches(scfg, num_examples, batch_size, int(config.seed))
-    t0 = time.time()
-    compiled = train_step.lower(state, jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3),
-                                                            jnp.float32, sharding=batch_sharding)).compile()
-    compile_s = time.time() - t0
+    tx, schedule = make_optimizer(config.optim, num_steps)
+    # The parameters come from the first half of split(key(seed)) (the shipped VAE's initialisation).
+    spec = TrainSpec([Net("vae", init=lambda key: model.init(jax.random.split(key)[0], dummy)["params"],
+                          rules=VAE_RULES, optimizer=tx, schedule=schedule)], seed=int(config.seed))
+    num_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(spec.abstract(mesh)[0]["nets"]["vae"]["params"])))
     print(f"[vae] {num_params:,} parameters, latent {vcfg.latent_channels} ch -> {vcfg.packed_channels} packed; "
-          f"{image_size}px, batch {batch_size}, {num_steps} steps; train step compiled in {compile_s:.1f}s",
-          flush=True)
+          f"{image_size}px, batch {batch_size}, {num_steps} steps", flush=True)
 
-    metrics_path = os.path.join(workdir, METRICS_FILE)
-    last: Dict[str, float] = {}
+    def make_source(start):
+        return train_source(scfg, num_examples, batch_size, int(config.seed), step=start.step)
+
     t_train = time.time()
-    t_log, step_log = t_train, 0
-    with open(metrics_path, "w") as mf, jax.transfer_guard("disallow"):
-        for step in range(1, num_steps + 1):
-            images = jax.device_put(next(batches), batch_sharding)
-            state, metrics = compiled(state, images)
-            if step % config.log_every == 0 or step == num_steps:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.time()
-                m["steps_per_s"] = (step - step_log) / max(now - t_log, 1e-9)
-                t_log, step_log = now, step
-                if not _finite(m):
-                    raise FloatingPointError(f"non-finite training metrics at step {step}: {m}")
-                mf.write(json.dumps(dict(step=step, **m)) + "\n")
-                mf.flush()
-                last = m
-                print(f"[vae] step {step}/{num_steps} loss {m['loss']:.5f} recon {m['recon']:.5f} "
-                      f"kl {m['kl']:.1f} psnr {m['psnr']:.2f} dB grad {m['grad_norm']:.3f} "
-                      f"{m['steps_per_s']:.2f} steps/s", flush=True)
+    result = fit(config, workdir, spec, [vae_objective(model, config.loss)], make_source, mesh=mesh,
+                 batch_shardings={"images": sharding_lib.batch_sharding(mesh, 4)},
+                 options=LoopOptions(num_steps=num_steps, log_every=int(config.log_every),
+                                     max_nonfinite_steps=int(config.max_nonfinite_steps)),
+                 say=lambda m: print(f"[vae] {m}", flush=True))
+    if result.preempted:
+        print(f"[vae] stopped by SIGTERM at step {result.step}; rerun the same command to resume", flush=True)
+        return dict(preempted=True, step=result.step)
     train_s = time.time() - t_train
-    params = state["params"]
+    last: Dict[str, float] = result.loop.last_metrics
+    params = result.state["nets"]["vae"]["params"]
 
     # Posterior-mode encode to packed latents, and mode reconstructions, jitted on the mesh.
     encode_packed = jax.jit(
@@ -415,7 +342,7 @@ def run(config, workdir: str) -> Dict[str, Any]:
     summary = dict(
         name=config.name, image_size=image_size, latent_channels=vcfg.latent_channels,
         packed_channels=vcfg.packed_channels, num_parameters=num_params, num_steps=num_steps,
-        batch_size=batch_size, compile_s=compile_s, train_s=train_s,
+        batch_size=batch_size, train_s=train_s,
         final_train_metrics=last,
         heldout=dict(num_images=len(heldout), first_index=num_examples, psnr_db=float(per_image_psnr.mean()),
                      psnr_db_min=float(per_image_psnr.min()), psnr_of_mean_mse_db=float(-10 * np.log10(mse)),
@@ -428,7 +355,7 @@ def run(config, workdir: str) -> Dict[str, Any]:
     )
     out_vars = {"params": jax.device_get(params), "latent_stats": latent_stats}
     meta = dict(kind=CHECKPOINT_KIND, preset=config.vae.preset, config=dataclasses.asdict(vcfg),
-                source="lens_jax.phases.vae", dtype="float32", num_parameters=num_params,
+                source="lens_jax.recipes.vae", dtype="float32", num_parameters=num_params,
                 training=dict(name=config.name, image_size=image_size, num_steps=num_steps, batch_size=batch_size,
                               data_seed=int(config.data.seed), num_examples=num_examples, seed=int(config.seed),
                               stats_examples=int(config.stats_examples),

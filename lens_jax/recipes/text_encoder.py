@@ -1,4 +1,4 @@
-"""The `text_encoder` phase: a caption tokenizer and a small GPT-OSS-architecture causal LM (LENS_SPEC §4).
+"""The `text_encoder` recipe (phase 'text_encoder'): a caption tokenizer and a small GPT-OSS-architecture causal LM (LENS_SPEC §4).
 
 Steps of `run(config, workdir)`:
   1. captions: dense and brief captions of shapes-world scenes (`lens_jax.data.synthetic.example`); training scenes
@@ -13,9 +13,10 @@ Steps of `run(config, workdir)`:
   3. LM: `GptOssLM` (the encoder trunk + final norm + untied head) trained with masked next-token cross-entropy on
      `render_prompt(caption)` token sequences; the loss covers the prompt and assistant-suffix tokens (positions
      >= txt_offset; the constant prefix is context only) and never padding. Sequences are right-padded to a few
-     static lengths (`seq_buckets`), one bucket per batch. AdamW with global-norm clipping in one jitted step;
-     `workdir/metrics.jsonl` gets one JSON line per logged step (full float precision; `tokens_per_s` counts the
-     non-padding tokens, prefix included, since the previous log line, so step 1 includes compilation);
+     static lengths (`seq_buckets`), one bucket per batch. Net 'lm' of the shared trainer (lens_jax/train/:
+     config.optim through train/optim.py, checkpoints every `checkpoint_every` steps and exact resume, the
+     sampler's generator state being the data position); `workdir/metrics.jsonl` gets one JSON line per logged
+     step (loss, target_tokens, norms, lr/lm, and the batch's `seq_len` and non-padding `tokens`);
   4. held-out loss / perplexity on fresh captions (nats per token, prompt + suffix tokens and caption tokens only);
   5. outputs under `<workdir>/text_encoder/` (or `config.output_dir`):
        tree/ + lens_jax.json   Orbax weights {'params': GptOssEncoder params}, meta kind 'gpt_oss' with the full
@@ -39,16 +40,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 from lens_jax.checkpoints import orbax_io
-from lens_jax.configs.base import ConfigError
+from lens_jax.configs.base import ConfigError, validate_trainer
 from lens_jax.data import synthetic
 from lens_jax.models.gpt_oss import EMBEDDING_INIT_STD, GptOssConfig, GptOssEncoder, gpt_oss_config
 from lens_jax.models.gpt_oss_lm import GptOssLM, encoder_params, lm_head_params, next_token_loss
 from lens_jax.text.harmony import HARMONY_SPECIAL_TOKENS, PAD_TOKEN, render_prefix, render_prompt, render_suffix
 from lens_jax.text.prompt_encoding import PromptEncodingConfig, load_tokenizer, resolve_pad_id, tokenize_prompts
+from lens_jax.train import sharding as sharding_lib
+from lens_jax.train.loop import LoopOptions
+from lens_jax.train.optim import make_optimizer, validate_optim
+from lens_jax.train.sharding import DEFAULT_RULES
+from lens_jax.train.state import Net, TrainSpec
+from lens_jax.train.step import Objective
+from lens_jax.train.trainer import fit, one_device_mesh
 
 CHECKPOINT_KIND = "gpt_oss"
 LM_HEAD_KIND = "gpt_oss_lm_head"
@@ -108,8 +115,8 @@ def validate(config) -> None:
     for key in ("batch_size", "num_steps", "log_every", "eval_batch_size"):
         if config[key] < 1:
             raise ConfigError(f"config.{key}={config[key]} must be >= 1")
-    if config.optim.schedule not in ("constant", "cosine"):
-        raise ConfigError(f"config.optim.schedule={config.optim.schedule!r}; choose constant or cosine")
+    validate_optim(config.optim)
+    validate_trainer(config)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -280,6 +287,25 @@ class BucketSampler:
             raise ConfigError(f"config.batch_size={batch_size} exceeds every length bucket's size; lower it or raise "
                               "config.data.num_examples")
 
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Dict[str, np.ndarray]:
+        batch = self.next()
+        self._last = {"seq_len": int(batch["input_ids"].shape[1]), "tokens": int(batch["attention_mask"].sum())}
+        return batch
+
+    def metrics(self) -> Dict[str, int]:
+        """The last batch's padded length and non-padding tokens (merged into its metrics.jsonl row)."""
+        return dict(getattr(self, "_last", {}))
+
+    def get_state(self) -> Dict[str, Any]:
+        """The sampler's position: its NumPy generator state (JSON-able)."""
+        return {"bit_generator": self.rng.bit_generator.state}
+
+    def set_state(self, state: Dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["bit_generator"]
+
     def next(self) -> Dict[str, np.ndarray]:
         kind = "brief" if self.rng.random() < self.brief_fraction else "dense"
         if not self.pools[kind]:
@@ -296,37 +322,15 @@ class BucketSampler:
 # Training
 
 
-def make_optimizer(config) -> Tuple[optax.GradientTransformation, Any]:
-    """optax.chain(clip_by_global_norm, adamw(schedule)); returns (optimizer, schedule)."""
-    o = config.optim
-    if o.schedule == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(
-            init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
-            decay_steps=max(config.num_steps, o.warmup_steps + 1), end_value=o.lr * o.final_lr_fraction)
-    else:
-        schedule = optax.constant_schedule(o.lr)
-    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm),
-                     optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
-    return tx, schedule
+def lm_objective(model: GptOssLM) -> Objective:
+    """Masked next-token cross-entropy of net 'lm' (metrics: target_tokens)."""
 
-
-def make_train_step(model: GptOssLM, tx: optax.GradientTransformation, schedule):
-    """state {params, opt_state, step} x batch -> (state, metrics); pure, jitted, donates the state."""
-
-    def train_step(state, batch):
-        def loss_fn(params):
-            logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
-            return next_token_loss(logits, batch["input_ids"], batch["loss_mask"])
-
-        (loss, n_tgt), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "target_tokens": n_tgt, "grad_norm": optax.global_norm(grads),
-                   "param_norm": optax.global_norm(params), "update_norm": optax.global_norm(updates),
-                   "lr": schedule(state["step"])}
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
-
-    return jax.jit(train_step, donate_argnums=(0,))
+    def loss_fn(params, batch, rng):
+        del rng
+        logits = model.apply({"params": params["lm"]}, batch["input_ids"], batch["attention_mask"])
+        loss, n_tgt = next_token_loss(logits, batch["input_ids"], batch["loss_mask"])
+        return loss, {"target_tokens": n_tgt}
+    return Objective(loss_fn=loss_fn, updates=("lm",), name="lm")
 
 
 def evaluate(model: GptOssLM, params, seqs: Sequence[np.ndarray], length: int, pad_id: int, offset: int,
@@ -410,9 +414,7 @@ def run(config, workdir: str) -> Dict[str, Any]:
     mcfg = build_model_config(config, vocab_size)
     model = GptOssLM(mcfg)
     dummy = jnp.zeros((1, 8), jnp.int32)
-    params = nn.meta.unbox(model.init(jax.random.key(config.seed), dummy, jnp.ones((1, 8), bool))["params"])
-    # Larger token embeddings keep each word's identity a large part of the residual stream the DiT reads.
-    params["embedding"] = params["embedding"] * (config.embedding_init_std / EMBEDDING_INIT_STD)
+    params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), dummy, jnp.ones((1, 8), bool))["params"])
     enc_abstract = nn.meta.unbox(jax.eval_shape(GptOssEncoder(mcfg).init, jax.random.key(0), dummy,
                                                 jnp.ones((1, 8), bool))["params"])
     enc_shapes = jax.tree.map(lambda x: (x.shape, x.dtype), encoder_params(params, mcfg))
@@ -420,46 +422,45 @@ def run(config, workdir: str) -> Dict[str, Any]:
         raise RuntimeError("GptOssLM's trunk does not match GptOssEncoder's parameter tree")
     n_params = sum(int(x.size) for x in jax.tree.leaves(params))
     n_enc = sum(int(x.size) for x in jax.tree.leaves(enc_abstract))
-    tx, schedule = make_optimizer(config)
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-    train_step = make_train_step(model, tx, schedule)
+    tx, schedule = make_optimizer(config.optim, config.num_steps)
+
+    def init(key):   # the seed's key; larger embeddings keep each word's identity in the features the DiT reads
+        p = model.init(key, dummy, jnp.ones((1, 8), bool))["params"]
+        return dict(p, embedding=jax.tree.map(lambda e: e * (config.embedding_init_std / EMBEDDING_INIT_STD),
+                                              p["embedding"]))
+    spec = TrainSpec([Net("lm", init=init, rules=DEFAULT_RULES, optimizer=tx, schedule=schedule)], seed=config.seed)
     sampler = BucketSampler(tr_dense, tr_brief, config.seq_buckets, config.batch_size, d.brief_fraction, pad_id,
                             offset, config.seed)
     logging.info("LM: %d parameters (encoder %d); %s", n_params, n_enc, mcfg)
     print(f"text_encoder: vocab {vocab_size}, prefix {offset} tokens, longest caption {longest} tokens, "
           f"LM {n_params:,} params (encoder {n_enc:,})", flush=True)
 
-    # Training loop.
-    os.makedirs(workdir, exist_ok=True)
-    metrics_path = os.path.join(workdir, METRICS_FILE)
+    mesh = one_device_mesh()
+    shardings = {k: sharding_lib.batch_sharding(mesh, 2) for k in ("input_ids", "attention_mask", "loss_mask")}
+
+    def make_source(start):
+        if start.data_state is not None:
+            sampler.set_state(start.data_state)
+        return sampler
+
     t_train = time.time()
-    window_tokens, window_t0, last = 0, time.time(), {}
-    with open(metrics_path, "w") as mf, jax.transfer_guard("disallow"):   # only explicit device_put / device_get
-        for step in range(1, config.num_steps + 1):
-            batch = sampler.next()
-            window_tokens += int(batch["attention_mask"].sum())
-            state, m = train_step(state, jax.device_put(batch))
-            if step % config.log_every == 0 or step == config.num_steps or step == 1:
-                m = {k: float(v) for k, v in jax.device_get(m).items()}
-                if not all(math.isfinite(v) for v in m.values()):
-                    raise FloatingPointError(f"non-finite training metrics at step {step}: {m}")
-                dt = time.time() - window_t0
-                rec = {"step": step, **m, "seq_len": int(batch["input_ids"].shape[1]),
-                       "tokens_per_s": window_tokens / max(dt, 1e-9), "elapsed_s": time.time() - t_train}
-                mf.write(json.dumps(rec) + "\n")
-                mf.flush()
-                print(f"step {step:5d}  loss {m['loss']:.4f}  grad_norm {m['grad_norm']:.3f}  lr {m['lr']:.2e}  "
-                      f"{rec['tokens_per_s']:.0f} tok/s  ({rec['elapsed_s']:.0f}s)", flush=True)
-                window_tokens, window_t0, last = 0, time.time(), rec
+    result = fit(config, workdir, spec, [lm_objective(model)], make_source, mesh=mesh, batch_shardings=shardings,
+                 options=LoopOptions(num_steps=int(config.num_steps), log_every=int(config.log_every),
+                                     max_nonfinite_steps=int(config.max_nonfinite_steps)),
+                 say=lambda m: print(m, flush=True))
+    if result.preempted:
+        print(f"stopped by SIGTERM at step {result.step}; rerun the same command to resume", flush=True)
+        return dict(preempted=True, step=result.step)
     train_time = time.time() - t_train
-    params = jax.device_get(state["params"])
+    last = result.loop.last_metrics
+    params = jax.device_get(result.state["nets"]["lm"]["params"])
 
     # 4. Held-out evaluation on fresh captions.
     ev = evaluate(model, params, ho, int(config.max_length), pad_id, offset, tok_stats["suffix_tokens"],
                   config.eval_batch_size)
     print(f"held-out: loss {ev['loss']:.4f} nats/token (ppl {ev['perplexity']:.3f}), caption-only loss "
           f"{ev['caption_loss']:.4f} (ppl {ev['caption_perplexity']:.3f}) over {ev['tokens']} tokens", flush=True)
-    with open(metrics_path, "a") as mf:
+    with open(os.path.join(workdir, METRICS_FILE), "a") as mf:
         mf.write(json.dumps({"step": config.num_steps, **{f"heldout_{k}": v for k, v in ev.items()}}) + "\n")
 
     # 5. Save the encoder subtree, the LM head and the meta.
