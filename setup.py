@@ -22,6 +22,10 @@ setup(
         "array-record>=0.5",
         # TensorBoard event files without TensorFlow.
         "tensorboardX>=2.6",
+        # Progress bars of training, encoding and evaluation.
+        "tqdm>=4.66",
+        # Official checkpoints are safetensors files (read through safe_open).
+        "safetensors>=0.5",
         # Prompt tokenisation from local tokenizer files (never a hub download).
         "transformers>=5.0",
         "tokenizers>=0.21",
@@ -34,7 +38,6 @@ setup(
             "pytest>=8",
             "torch==2.13.0",
             "diffusers>=0.42",
-            "safetensors>=0.5",
             "pyarrow>=14",  # Parquet input of tools/build_shards.py (tests/test_build_shards.py)
         ],
         # Parquet input for the shard builder (folder/JSONL, tar and shapes-world inputs need nothing extra).

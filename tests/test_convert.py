@@ -96,3 +96,24 @@ def test_sharded_index_checkpoint(tmp_path):
     r = open_checkpoint(str(tmp_path))
     assert sorted(r) == ["x", "y"] and r.shape("x") == (2, 3) and r.dtype("y") == ml_dtypes.bfloat16
     np.testing.assert_array_equal(r["x"], a["x"])
+
+
+def test_the_streaming_reader_agrees_with_safetensors(tmp_path):
+    """Files written by safetensors itself (numpy and torch, bf16 included: the official weights' dtype) read back
+    exactly through open_checkpoint."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.numpy import save_file as st_save
+    from safetensors.torch import save_file as st_save_torch
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.standard_normal((3, 5)).astype(np.float32), "b": np.arange(7, dtype=np.int64)}
+    st_save(arrays, str(tmp_path / "x.safetensors"), metadata={"format": "np"})
+    reader = open_checkpoint(str(tmp_path / "x.safetensors"))
+    with safe_open(str(tmp_path / "x.safetensors"), framework="numpy") as f:
+        assert sorted(f.keys()) == sorted(reader)
+        for k in f.keys():
+            np.testing.assert_array_equal(reader[k], f.get_tensor(k))
+    st_save_torch({"w": torch.linspace(-1, 1, 6, dtype=torch.bfloat16)}, str(tmp_path / "bf16.safetensors"))
+    w = open_checkpoint(str(tmp_path / "bf16.safetensors"))["w"]
+    assert w.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(w.astype(np.float32), torch.linspace(-1, 1, 6, dtype=torch.bfloat16).float().numpy())

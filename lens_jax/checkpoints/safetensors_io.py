@@ -1,8 +1,11 @@
-"""A dependency-free, streaming safetensors reader (and a small writer for tests and tools).
+"""A streaming safetensors reader over `safetensors.safe_open` (and a small writer for tests and tools).
 
-The reader memory-maps each file and returns one tensor at a time as a NumPy array, so converting a
-checkpoint never holds more than the tensor being converted plus the output tree. bfloat16 and the
-float8 types come back as `ml_dtypes` arrays (NumPy has no native bfloat16).
+Tensors are read one at a time through safetensors' own memory-mapped `safe_open` (numpy framework), so
+converting a checkpoint never holds more than the tensor being converted plus the output tree; bfloat16 comes
+back as an `ml_dtypes` array (importing ml_dtypes registers it with NumPy). What this module adds: every
+file's header is checked first, so a truncated or corrupt file is a SafetensorsError naming the tensor and
+the missing bytes, a dtype NumPy cannot hold (float8) is named, and sharded checkpoints
+(`model.safetensors.index.json`) read as one mapping.
 
 Sharded checkpoints (`model.safetensors.index.json` with a `weight_map`) and single files are both
 accepted; `open_checkpoint(path)` takes a file, an index file or a directory holding either.
@@ -42,7 +45,7 @@ class SafetensorsError(ValueError):
 
 
 class _File:
-    """One memory-mapped .safetensors file."""
+    """One .safetensors file: the header checked here, tensors read through safetensors' safe_open."""
 
     def __init__(self, path: str):
         self.path = path
@@ -59,8 +62,7 @@ class _File:
                 raise SafetensorsError(f"{path}: header is not valid JSON ({e})") from None
         self.metadata = header.pop("__metadata__", {}) or {}
         self.entries: Dict[str, dict] = header
-        self._data_start = 8 + header_len
-        data_len = size - self._data_start
+        data_len = size - 8 - header_len
         for name, e in header.items():
             if e.get("dtype") not in _DTYPES:
                 raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
@@ -70,16 +72,20 @@ class _File:
                 raise SafetensorsError(
                     f"{path}: tensor {name!r} spans bytes [{begin}, {end}) but needs {expected} bytes "
                     f"and the data section has {data_len} (truncated or corrupt file)")
-        self._mmap = None
+        self._handle = None
 
     def get(self, name: str) -> np.ndarray:
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        e = self.entries[name]
-        begin, end = e["data_offsets"]
-        raw = self._mmap[self._data_start + begin:self._data_start + end]
-        # Copy so the caller owns the memory and the map can be dropped.
-        return np.array(raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"]))
+        if self._handle is None:
+            from safetensors import safe_open
+            try:
+                self._handle = safe_open(self.path, framework="numpy")
+            except Exception as e:   # noqa: BLE001 - safetensors' own SafetensorError
+                raise SafetensorsError(f"{self.path}: {e}") from None
+        try:
+            return self._handle.get_tensor(name)
+        except (TypeError, AttributeError) as e:   # a dtype the numpy framework cannot represent
+            raise SafetensorsError(f"{self.path}: tensor {name!r} of dtype {self.entries[name]['dtype']} cannot be "
+                                   f"read as a NumPy array ({e})") from None
 
 
 class SafetensorsReader(Mapping[str, np.ndarray]):
