@@ -9,7 +9,8 @@ weights checkpoint of kind `gpt_oss` (the `GptOssEncoder` subtree; `convert.load
 head beside it, and the tokenizer (a transformers fast tokenizer directory) under `<workdir>/text_encoder/`.
 
 Variants:
-  tiny   1000-piece BPE vocabulary, hidden 96, 4 layers (all 4 selected), 8 experts top-2; ~4 min on 2 CPU cores.
+  tiny   1000-piece BPE vocabulary, hidden 96, 4 layers (all 4 selected), 8 experts top-2; ships as
+         data/tiny/text_encoder.
 
 Override any value from the command line, e.g. `--config.num_steps=3 --config.batch_size=2`.
 """
@@ -77,9 +78,8 @@ def get_config(arg=None):
     c.seq_buckets = (160, 320, 448)      # padded training lengths (tokens); the last is also max_length
     c.max_length = 448                   # whole templated sequence (prefix included), for the encoder meta
     c.num_steps = 200
-    c.embedding_init_std = 1.0           # token-embedding init. From GPT-OSS's 0.02 the blocks soon dwarf the embeddings
-                                         # and the RMS-normalised features the DiT reads hardly tell "circle" from
-                                         # "square" (0.13 / 0.08 / 0.04 / 0.04 of the RMS; 1.0: 0.85 / 0.57 / 0.39 / 0.27)
+    c.embedding_init_std = 1.0           # token-embedding init; at GPT-OSS's 0.02 the features hardly tell the
+                                         # shape words apart (RESULTS.md, session 6)
     base.trainer_config(c, checkpoint_every=100, log_every=10)
     c.eval_batch_size = 32
     c.output_dir = ""                    # checkpoint directory; '' = <workdir>/text_encoder

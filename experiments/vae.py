@@ -10,8 +10,7 @@ restores, with the latent statistics filled in.
 
 Variants:
   tiny   64 px images, preset 'tiny' VAE (0.27 M parameters, 16 latent channels -> 64 packed channels),
-         4000 AdamW steps at batch 8, ~8 min on 2 idle CPU cores; ships as data/tiny/vae (~1 MB): held-out
-         PSNR 29.3 dB, ShapesEval ceiling 0.958 (8 channels / 2400 steps gave 27.1 dB and a ceiling of 0.825).
+         4000 AdamW steps at batch 8; ships as data/tiny/vae (~1 MB). Its figures: RESULTS.md, session 3.
 
 Override any value from the command line, e.g. `--config.num_steps=3 --config.batch_size=2`.
 """
@@ -57,12 +56,9 @@ def get_config(arg=None):
     # kl * KL(q(z|x) || N(0, I)) summed over latent elements and averaged over the batch. No perceptual loss.
     c.loss = ml_collections.ConfigDict(dict(
         l1_weight=1.0,
-        l2_weight=4.0,                   # 1.0 gave 23.6 dB held-out and confused green/blue; 4.0 gives 27.1 dB
+        l2_weight=4.0,                   # squared error weighs most: colours stay apart (RESULTS.md, recipe settings)
         kl_weight=1e-6,
-        # False: decode the posterior mode (what the DiT pipeline encodes with, LENS_SPEC §3.3). Decoding
-        # samples at kl_weight 1e-6 keeps the posterior noise large for thousands of steps and costs ~3 dB
-        # and visibly wrong colours within the tiny budget.
-        sample_posterior=False,
+        sample_posterior=False,          # decode the posterior mode, as the DiT pipeline encodes (LENS_SPEC §3.3)
     ))
 
     c.batch_size = 8

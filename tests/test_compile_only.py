@@ -84,3 +84,57 @@ def test_full_scale_plan(tmp_path, variant):
     c.compile_only = True
     r = compile_only.run(c, str(tmp_path))
     assert r["params_gib"] > 0 and r["total_gib"] > 0
+
+
+def test_frozen_dit_policy_carries_no_optimiser_state(tmp_path, fast_compile):
+    """A DiT frozen by config.optim.policy but for its output layers: the frozen leaves have no Adam moments
+    or EMA, so the optimiser bytes are twice the trainable leaves' bytes, not twice the DiT's."""
+    import jax
+    from lens_jax.models.mmdit import MMDiT, abstract_params, mmdit_config
+    from lens_jax.train.optim import path_str
+    from lens_jax.train import compile_only
+    policy = (("(proj_out|norm_out).*", 1.0), (".*", None))
+    c = _plan_config(**{"mesh.shape": (8, 1, 1), "data.resolution": 128, "data.per_device_batch": (1,),
+                        "ema_decay": 0.999})
+    full = compile_only.run(c, str(tmp_path / "full"), log=lambda s: None)
+    c.optim.policy = policy
+    frozen = compile_only.run(c, str(tmp_path / "frozen"), log=lambda s: None)
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_params(MMDiT(mmdit_config("tiny"))))[0]
+    trained = sum(x.size * 4 for p, x in leaves if path_str(p).startswith(("proj_out", "norm_out")))
+    total = sum(x.size * 4 for _, x in leaves)
+    assert 0 < trained < total / 10
+    gib = 1024 ** 3
+    assert frozen["params_gib"] == pytest.approx(full["params_gib"])          # the base is still there
+    assert full["opt_state_gib"] == pytest.approx(2 * total / gib, rel=1e-3)
+    assert frozen["opt_state_gib"] == pytest.approx(2 * trained / gib, rel=1e-3)
+    assert full["ema_gib"] == pytest.approx(total / gib, rel=1e-3)
+    assert frozen["ema_gib"] == pytest.approx(trained / gib, rel=1e-3)
+    assert frozen["nets"]["dit"]["opt_state"] == pytest.approx(frozen["opt_state_gib"])
+    assert frozen["policy"] == [list(p) for p in policy]
+
+
+def test_a_frozen_net_beside_a_trainable_one_has_no_optimiser_bytes():
+    """Two nets: a frozen DiT (no optimiser, no EMA) and a small trainable head; per-net bytes say so."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import flax.linen as nn
+    from lens_jax.models.mmdit import MMDiT, dummy_inputs, mmdit_config
+    from lens_jax.train import sharding as sharding_lib
+    from lens_jax.train.state import Net, TrainSpec, bytes_per_device
+
+    dit = MMDiT(mmdit_config("tiny"))
+    head = nn.Dense(8, kernel_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed", "mlp")))
+    rules = sharding_lib.DEFAULT_RULES
+    spec = TrainSpec([
+        Net("dit", lambda r: dit.init(r, **dummy_inputs(dit.config))["params"], rules),
+        Net("head", lambda r: head.init(r, jnp.zeros((1, 16)))["params"], rules,
+            optimizer=optax.adam(1e-3), ema_decay=0.99),
+    ])
+    mesh = sharding_lib.make_mesh((8, 1, 1))
+    abstract, _ = spec.abstract(mesh)
+    per = bytes_per_device(abstract)
+    assert per["dit"]["params"] > 0 and per["dit"]["opt_state"] == 0 and per["dit"]["ema"] == 0
+    assert per["head"]["params"] == 16 * 8 * 4 + 8 * 4
+    assert per["head"]["ema"] == per["head"]["params"]
+    assert 2 * per["head"]["params"] <= per["head"]["opt_state"] <= 2 * per["head"]["params"] + 64

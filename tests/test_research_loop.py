@@ -9,6 +9,8 @@ import pytest
 from lens_jax import main as lens_main
 from lens_jax.configs.base import ConfigError, load_experiment
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def micro_config(phase="pretrain"):
     c = load_experiment({"pretrain": "pretrain", "eval": "eval", "sample": "sample"}[phase], "tiny")
@@ -85,6 +87,49 @@ def test_eval_and_sample_phases_read_the_checkpoint(trained_workdir, tmp_path):
     from PIL import Image
     im = Image.open(os.path.join(workdir, "samples", "0001.png"))
     assert im.size == (32, 64)
+
+
+def test_eval_of_a_hand_written_geneval_file_writes_the_folder_and_the_tool_scores_it(trained_workdir, tmp_path):
+    """Two GenEval metadata lines -> the eval phase on another run's raw (non-EMA) weights -> GenEval's folder
+    layout -> tools/score_geneval_folder.py -> GenEval's results JSONL; a malformed line fails naming it."""
+    import subprocess
+    import sys
+    workdir, _ = trained_workdir
+    meta = tmp_path / "evaluation_metadata.jsonl"
+    lines = [{"tag": "single_object", "include": [{"class": "circle", "count": 1}], "prompt": "a photo of a circle"},
+             {"tag": "color_attr", "include": [{"class": "square", "count": 1, "color": "red"},
+                                               {"class": "triangle", "count": 1, "color": "blue"}],
+              "prompt": "a photo of a red square and a blue triangle"}]
+    meta.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    c = micro_config("eval")
+    c.eval.metadata_file = str(meta)
+    c.eval.samples_per_prompt = 2
+    c.eval.checkpoint = workdir
+    c.eval.params = "dit"
+    out = str(tmp_path / "out")
+    ev = lens_main.run(c, out)
+    assert ev["num_images"] == 4 and set(ev["tasks"]) == {"single_object", "color_attr"}
+    assert ev["settings"]["weights"].startswith("dit of ") and ev["settings"]["weights"].endswith("step 8")
+    folder = os.path.join(out, "eval", "geneval")
+    assert sorted(os.listdir(folder)) == ["00000", "00001"]
+    for i, line in enumerate(lines):
+        assert json.loads(open(os.path.join(folder, f"{i:05d}", "metadata.jsonl")).read()) == line
+        assert sorted(os.listdir(os.path.join(folder, f"{i:05d}", "samples"))) == ["00000.png", "00001.png"]
+
+    results = tmp_path / "rescored.jsonl"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "score_geneval_folder.py"), folder,
+                        f"--results={results}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(l) for l in open(results)]
+    assert [(x["tag"], x["prompt"]) for x in rows] == [(l["tag"], l["prompt"]) for l in lines for _ in range(2)]
+    assert all(isinstance(x["correct"], bool) and x["reason"] is not None for x in rows)
+    phase_rows = [json.loads(l) for l in open(os.path.join(out, "eval", "results.jsonl"))]
+    assert [x["correct"] for x in rows] == [x["correct"] for x in phase_rows]      # same images, same verdicts
+    assert f"Overall score (avg. over tasks): {ev['overall']:.5f}" in r.stdout
+
+    meta.write_text(json.dumps(lines[0]) + "\n" + json.dumps({**lines[1], "include": [{"class": "hexagon"}]}) + "\n")
+    with pytest.raises(ConfigError, match=r"evaluation_metadata.jsonl line 2: unknown class .hexagon."):
+        lens_main.run(c, str(tmp_path / "bad"))
 
 
 def test_sample_phase_rejects_bad_prompts_and_sizes(tmp_path):

@@ -316,7 +316,8 @@ def format_summary(s: Dict[str, Any]) -> str:
     tasks = " ".join(f"{t}={v:.3f}" for t, v in s["tasks"].items())
     d = s["diagnostics"]
     unseen = s.get("unseen", math.nan)
-    return (f"synthetic GenEval overall={s['overall']:.3f} ({tasks}) unseen={unseen:.3f} "
+    unseen = "n/a" if math.isnan(unseen) else f"{unseen:.3f}"          # n/a: no held-out combination asked for
+    return (f"synthetic GenEval overall={s['overall']:.3f} ({tasks}) unseen={unseen} "
             f"integrity={s['integrity']:.3f} rules-only={s['overall_rules_only']:.3f}\n"
             "  what the images honour: " + " ".join(f"{k}={v:.3f}" for k, v in d.items())
             + "  (blank = no object; *_present = the prompt's shapes / colours appear at all)")
