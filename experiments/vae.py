@@ -56,7 +56,7 @@ def get_config(arg=None):
     # kl * KL(q(z|x) || N(0, I)) summed over latent elements and averaged over the batch. No perceptual loss.
     c.loss = ml_collections.ConfigDict(dict(
         l1_weight=1.0,
-        l2_weight=4.0,                   # squared error weighs most: colours stay apart (RESULTS.md, recipe settings)
+        l2_weight=4.0,                   # squared error weighs most: colours stay apart (RESULTS.md, session 9)
         kl_weight=1e-6,
         sample_posterior=False,          # decode the posterior mode, as the DiT pipeline encodes (LENS_SPEC §3.3)
     ))
