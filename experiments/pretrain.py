@@ -7,7 +7,7 @@ Variants:
   tiny              the CPU research loop: the token-aligned canonical shapes world (80 px, white background,
                     one object size, two-object scenes favoured, brief captions with more relation phrases),
                     the shipped tiny VAE and text encoder, a small DiT; trains, samples and evaluates in
-                    under 10 minutes on 2 idle CPU cores
+                    9-12 minutes on 2 idle CPU cores (the VM's speed; README)
 
   python -m lens_jax.main --config=experiments/pretrain.py:tiny --workdir=runs/tiny
 
