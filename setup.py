@@ -30,6 +30,7 @@ setup(
         "transformers>=5.0",
         "tokenizers>=0.21",
         "sentencepiece>=0.2",
+        "openai>=1.50",  # RL judge / prompt writer client for OpenAI-compatible endpoints (lens_jax/posttrain/chat.py)
     ],
     extras_require={
         # Everything the test suite needs, parity references included. torch==2.13.0 is the

@@ -2,7 +2,7 @@
 config, for every phase and tool.
 
     enc = load_encoders(config)                   # Encoders: FrozenVAE, prompt encoder, widths, tokenizer
-    model = build_dit(config, enc)                # MMDiT whose input widths fit the encoders
+    model = build_dit(config, enc)                # MMDiT whose input widths fit the encoders (+ LoRA: config.lora)
     net = dit_net(config, model, dummy)           # the trainable 'dit' Net (optimizer, schedule, EMA, policy)
     params, what = restore_dit(config, model, source)   # weights for sampling / evaluation
     pipeline = build_pipeline(model, params, enc)
@@ -86,7 +86,21 @@ def build_dit(config, encoders: Optional[Encoders] = None, *, attention: Optiona
     m = config.model
     return MMDiT(cfg, attention=attention or m.attention, remat_policy=m.remat_policy, scan_layers=m.scan_layers,
                  dtype=dtype_of(m.dtype, "config.model.dtype"), param_dtype=dtype_of(m.param_dtype,
-                                                                                     "config.model.param_dtype"))
+                                                                                     "config.model.param_dtype"),
+                 lora=lora_spec(config))
+
+
+def lora_spec(config):
+    """The LoraSpec of config.lora (rank, alpha, targets; lens_jax/models/lora.py), None without one or at rank 0
+    (full fine-tuning)."""
+    c = config.get("lora")
+    if c is None or int(c.rank) == 0:
+        return None
+    from lens_jax.models.lora import LoraSpec
+    try:
+        return LoraSpec(rank=int(c.rank), alpha=float(c.alpha), targets=c.targets)
+    except ValueError as e:
+        raise ConfigError(f"config.lora: {e}") from None
 
 
 def dit_rules(config) -> Tuple:

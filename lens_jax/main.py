@@ -6,6 +6,7 @@ overrides a value and an unknown key fails. `config.phase` picks what runs:
   pretrain      DiT pretraining (flow matching), with periodic samples and evaluation
   vae           the recipe of a small FLUX.2-architecture VAE (research scale) and its latent BN statistics
   text_encoder  the recipe of a sentencepiece tokenizer and a small GPT-OSS-architecture LM on captions
+  rl            RL post-training of the DiT (DiffusionNFT or Flow-GRPO) with rubric rewards from a judge
   sample        render prompts with a trained DiT
   eval          synthetic GenEval (ShapesEval) of a trained DiT, in GenEval's file protocol
 
@@ -30,6 +31,7 @@ PHASES = {
     "pretrain": "lens_jax.phases.pretrain",
     "vae": "lens_jax.recipes.vae",
     "text_encoder": "lens_jax.recipes.text_encoder",
+    "rl": "lens_jax.phases.rl",
     "sample": "lens_jax.phases.sample",
     "eval": "lens_jax.phases.evaluate",
 }

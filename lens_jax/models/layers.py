@@ -53,11 +53,28 @@ class RMSNorm(nn.Module):
         return y.astype(self.dtype or x.dtype)
 
 
+def _lora_spec(module: nn.Module):
+    """The `lora` attribute (a lens_jax.models.lora.LoraSpec) of the nearest enclosing module that has one."""
+    m = module.parent
+    while isinstance(m, nn.Module):
+        spec = getattr(m, "lora", None)
+        if spec is not None:
+            return spec
+        m = m.parent
+    return None
+
+
 class Dense(nn.Module):
     """Linear layer y = x @ kernel + bias over the trailing `len(in_axes)` input axes.
 
     `features` may be an int or a tuple (the kernel is [*in_dims, *features]); `kernel_axes` names
     every kernel axis, the bias takes the names of the output axes.
+
+    Low-rank adapters: when an enclosing module carries `lora` (a LoraSpec, e.g. `MMDiT(lora=...)`) whose
+    `targets` regex fully matches this layer's '/'-joined module path, the layer also owns `lora_a`
+    [*in_dims, r] (axes: the kernel's input axes, None) and `lora_b` [r, *features] (axes: None, the kernel's
+    output axes; zero-initialised) and computes y = x @ kernel + bias + (alpha / r) (x @ lora_a) @ lora_b,
+    unmerged (lens_jax/models/lora.py merges them into the kernel for inference).
     """
     features: Union[int, Sequence[int]]
     kernel_axes: Axes
@@ -86,6 +103,19 @@ class Dense(nn.Module):
         contract = tuple(range(x.ndim - self.n_in_axes, x.ndim))
         y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
                                 ((contract, tuple(range(self.n_in_axes))), ((), ())))
+        lora = _lora_spec(self)
+        if lora is not None and lora.applies_to("/".join(self.scope.path)):
+            r = int(lora.rank)
+            in_axes, out_axes = self.kernel_axes[:self.n_in_axes], self.kernel_axes[self.n_in_axes:]
+
+            def init_a(key, shape, dtype):
+                return self.kernel_init(key, (n_in, r), dtype).reshape(shape)
+            a = self.param("lora_a", logical(init_a, (*in_axes, None)), (*in_dims, r), self.param_dtype)
+            b_ = self.param("lora_b", logical(nn.initializers.zeros, (None, *out_axes)), (r, *feats),
+                            self.param_dtype)
+            xa = jax.lax.dot_general(x.astype(dtype), a.astype(dtype),
+                                     ((contract, tuple(range(self.n_in_axes))), ((), ())))
+            y = y + lora.scale * jax.lax.dot_general(xa, b_.astype(dtype), (((xa.ndim - 1,), (0,)), ((), ())))
         if self.use_bias:
             bias = self.param("bias", logical(self.bias_init, self.kernel_axes[self.n_in_axes:]),
                               feats, self.param_dtype)

@@ -219,6 +219,7 @@ class DoubleStreamBlock(nn.Module):
     attention: str
     dtype: Dtype
     param_dtype: Dtype
+    lora: Optional[Any] = None      # the MMDiT's LoraSpec (a scanned block's parent is no module to ask)
 
     @nn.compact
     def __call__(self, carry, temb, ang_img, ang_txt, mask, prefix_lengths):
@@ -261,6 +262,8 @@ class MMDiT(nn.Module):
       scan_layers: stack blocks with nn.scan (parameters get a leading 'layers' axis).
       dtype: compute dtype (e.g. bfloat16); norms, softmax, RoPE run in float32.
       param_dtype: parameter storage dtype (float32 master weights by default).
+      lora: optional `lens_jax.models.lora.LoraSpec`: low-rank adapters (`lora_a`, `lora_b`) on the Dense
+        layers whose module path its `targets` regex matches (layers.Dense); None = the plain model.
     """
     config: MMDiTConfig
     attention: str = "xla"
@@ -268,6 +271,7 @@ class MMDiT(nn.Module):
     scan_layers: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: Optional[Any] = None
 
     @nn.compact
     def __call__(self, img, img_pos, txt, txt_mask, sigma, img_mask=None):
@@ -314,11 +318,11 @@ class MMDiT(nn.Module):
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(nn.broadcast,) * 5, length=c.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            carry, _ = stack(c, self.attention, name="transformer_blocks", **kw)(
+            carry, _ = stack(c, self.attention, name="transformer_blocks", lora=self.lora, **kw)(
                 carry, temb, ang_img, ang_txt, mask, prefix_lengths)
         else:
             for i in range(c.num_layers):
-                carry, _ = block(c, self.attention, name=f"transformer_blocks_{i}", **kw)(
+                carry, _ = block(c, self.attention, name=f"transformer_blocks_{i}", lora=self.lora, **kw)(
                     carry, temb, ang_img, ang_txt, mask, prefix_lengths)
         x_img = carry[0]
 

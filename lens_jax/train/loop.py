@@ -46,6 +46,11 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+class StopTraining(Exception):
+    """Raised by a batch source that cannot go on (e.g. its judge service stays down): the loop stops before
+    the step it could not feed, saves the checkpoint of the steps done and returns with `stopped` = the reason."""
+
+
 class StepIndexedSource:
     """Batches from a pure function of the step: `batch_fn(step)` -> this process's rows of batch `step`.
 
@@ -87,6 +92,8 @@ class LoopResult:
     preempted: bool
     skipped_total: int
     last_metrics: Dict[str, float]
+    stopped: str = ""                     # why the source stopped the run early (StopTraining), else ''
+
 
 
 class StopSignal:
@@ -207,9 +214,15 @@ def train_loop(state, train_step: Callable, source, *, mesh, batch_shardings: Ma
         return checkpointer.save(s, state, config_json, data_state=source.get_state())
 
     preempted = False
+    stopped = ""
     with StopSignal() as stop:
         while step < options.num_steps:
-            batch = next(source)
+            try:
+                batch = next(source)
+            except StopTraining as e:
+                stopped = str(e) or type(e).__name__
+                say(f"the batch source stopped the run before step {step + 1}: {stopped}")
+                break
             data_metrics = dict(source_metrics()) if source_metrics is not None else None
             batch = to_device(batch)
             with jax.set_mesh(mesh):
@@ -239,4 +252,4 @@ def train_loop(state, train_step: Callable, source, *, mesh, batch_shardings: Ma
         else:
             save(step)
     return LoopResult(state=state, step=step, preempted=preempted, skipped_total=track["skipped_total"],
-                      last_metrics=track["last"])
+                      last_metrics=track["last"], stopped=stopped)

@@ -1,0 +1,1 @@
+"""Post-training: RL (DiffusionNFT, Flow-GRPO), prompt sets, judges and rewards."""
