@@ -119,7 +119,6 @@ def evaluate(config, model, params, enc, outdir: str, label: str, say):
 
 def run(config, workdir: str):
     from lens_jax.data.synthetic import world_config
-    from lens_jax.models import lora as lora_lib
     from lens_jax.posttrain.rollouts import RolloutSource, rl_state
     from lens_jax.train.trainer import fit
 
@@ -133,7 +132,7 @@ def run(config, workdir: str):
     t0 = time.time()
     enc = build.load_encoders(config)
     model = build.build_dit(config, enc)                     # with adapters when config.lora.rank > 0
-    plain = build.build_dit(copy.deepcopy(_without_lora(config)), enc)
+    plain = build.build_dit(_without_lora(config), enc)   # the same DiT without adapters
     mesh = sharding_lib.mesh_from_config(config)
     world = world_config(config.data.world, image_size=int(config.data.image_size), seed=int(config.seed))
     records = prompt_set(config, workdir, world, say)
@@ -172,7 +171,6 @@ def run(config, workdir: str):
         final = to_plain(spec.eval_params(result.state, config.rl.eval_params))
         evaluate(config, plain, final, enc, os.path.join(workdir, "eval"), f"after RL ({config.rl.eval_params})", say)
     say(f"rl done in {time.time() - t0:.0f}s -> {workdir}")
-    del lora_lib
     return result
 
 

@@ -127,6 +127,8 @@ class RolloutSource:
         self.agg = Aggregation(global_weight=float(r.global_weight), gate_global=bool(r.gate_global),
                                gate_cap=float(r.gate_cap))
         self.txt, self.mask = self._encode([x["prompt"] for x in records])
+        names = sorted({x["category"] for x in records})
+        self.by_category = [np.array([j for j, x in enumerate(records) if x["category"] == c]) for c in names]
         self.state, self.step, self._metrics = None, 0, {}
 
     def _encode(self, prompts, chunk: int = 256):
@@ -183,11 +185,10 @@ class RolloutSource:
         seed = int(self.config.seed)
         if not self.config.rl.balance_categories:
             return _slice(np.arange(len(self.records)), self.G, step, [seed, 0x7E1])
-        cats = sorted({r["category"] for r in self.records})
+        cats = self.by_category
         share = [self.G // len(cats) + (i < self.G % len(cats)) for i in range(len(cats))]
         out = []
-        for i, (c, k) in enumerate(zip(cats, share)):
-            members = np.array([j for j, r in enumerate(self.records) if r["category"] == c])
+        for i, (members, k) in enumerate(zip(cats, share)):
             if k:
                 out.append(_slice(members, min(k, len(members)), step, [seed, 0x7E1, i]))
         return np.concatenate(out)
