@@ -52,6 +52,7 @@ def get_config(arg=None):
         prompts_per_step=48,
         images_per_prompt=24,
         rollout_steps=10,
+        rollout_batch=0,             # rollouts per sampler call (memory; divides the step's, over the devices); 0 = all
         solver="dpm2",               # NFT rollouts: dpm2 | heun | euler (diffusion/rollout.py)
         rollout_guidance=1.0,        # 1 = CFG-free
         rollout_mu=-1.0,             # sigma shift of the rollout grid; < 0 = FLUX.2 empirical mu
@@ -84,9 +85,15 @@ def get_config(arg=None):
     c.log_every = 1
     c.eval.enabled = False
     if variant == "lens":
-        c.data.buckets = "ar9"
+        c.data.buckets = "lens27"    # its 1024² area: 736x1472 ... 1472x736 (LENS_SPEC §8.5)
         c.data.resolution = 1024
         c.data.image_size = 1024
+        # 64 x 80 GB (8 hosts x 8): FSDP inside a host; the 1152 rollouts as 3 micro-batches of 6 per device
+        # in the update and 3 sampler calls of 384 (BENCHMARKS.md, RL memory plan)
+        c.mesh.shape = (-1, 8, 1)
+        c.compile_only_devices = 64
+        c.grad_accum_steps = 3
+        c.rl.rollout_batch = 384
     else:
         c.rl.taxonomy = "data/rl/shapes_taxonomy.json"
         c.judge.kind = "rule"

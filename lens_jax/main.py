@@ -47,8 +47,8 @@ def run(config, workdir: str):
     os.makedirs(workdir, exist_ok=True)
     if config.get("compile_only", False):
         # Memory planning: compile the full-scale step on fake CPU devices and report (lens_jax/train/compile_only.py).
-        if config.phase != "pretrain":
-            raise ConfigError(f"config.compile_only is supported for phase 'pretrain', not {config.phase!r}")
+        if config.phase not in ("pretrain", "rl"):
+            raise ConfigError(f"config.compile_only is supported for phases 'pretrain' and 'rl', not {config.phase!r}")
         from lens_jax.train import compile_only
         return compile_only.run(config, workdir)
     module = importlib.import_module(PHASES[config.phase])

@@ -138,3 +138,33 @@ def test_a_frozen_net_beside_a_trainable_one_has_no_optimiser_bytes():
     assert per["head"]["params"] == 16 * 8 * 4 + 8 * 4
     assert per["head"]["ema"] == per["head"]["params"]
     assert 2 * per["head"]["params"] <= per["head"]["opt_state"] <= 2 * per["head"]["params"] + 64
+
+
+@pytest.mark.parametrize("algorithm", ["nft", "grpo"])
+def test_rl_plan_compiles_the_update_and_the_rollout(tmp_path, fast_compile, algorithm):
+    """The rl phase's plan (the lens variant with a tiny DiT and 64² buckets): LoRA adapters on the frozen base
+    (optimiser bytes of the adapters only), the NFT / GRPO update over accumulated micro-batches of padded
+    mixed-aspect rollouts, and one sampler call of rl.rollout_batch rollouts."""
+    from lens_jax.models.mmdit import MMDiT, abstract_params, count_params, mmdit_config
+    from lens_jax.train import compile_only
+    c = load_experiment("rl", "lens")
+    c.model.preset = "tiny"
+    c.lora.rank, c.lora.alpha = 4, 8.0
+    c.rl.algorithm = algorithm
+    c.rl.prompts_per_step, c.rl.images_per_prompt, c.rl.rollout_steps = 4, 4, 3
+    c.rl.rollout_batch = 8
+    c.data.buckets, c.data.resolution = "ar9:64", 64
+    c.grad_accum_steps = 2
+    c.compile_only, c.compile_only_devices, c.compile_only_text_len = True, 8, 16
+    c.mesh.shape = (-1, 2, 1)
+    lines = []
+    r = compile_only.run(c, str(tmp_path), log=lines.append)
+    assert r["micro_batches"] == [dict(area=64, per_device=2, global_batch=16, image_tokens=18, text_tokens=16)]
+    base = count_params(abstract_params(MMDiT(mmdit_config("tiny")))) * 4 / 1024 ** 3
+    assert r["params_gib"] > 0.45 * base                         # the frozen base (fsdp 2) plus the adapters
+    assert 0 < r["opt_state_gib"] < 0.5 * r["params_gib"]        # Adam over the adapters only (full FT: 2x)
+    q = r["rl"]
+    assert q["rollouts"] == 16 and q["per_call"] == 8 and q["tokens"] == 18 and len(q["buckets"]) == 5
+    assert q["memory_analysis"]["temp_size_in_bytes"] > 0 and q["peak_gib"] > q["state_resident_gib"] > 0
+    assert r["forward_factor"] == (6.0 if algorithm == "nft" else 2 * 5.0)     # GRPO: 2 recorded steps
+    assert "rollout (" in "\n".join(lines)

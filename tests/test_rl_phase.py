@@ -87,9 +87,15 @@ def test_nft_run_writes_metrics_grids_evals_and_a_mergeable_checkpoint(base_run,
 @pytest.mark.slow
 def test_grpo_and_the_vlm_judge_path_through_the_rule_judge_server(base_run, tmp_path):
     from lens_jax.posttrain.judge_server import make_server
-    lens_main.run(rl_config(base_run, "grpo", num_steps=2, **{"eval.enabled": False}), str(tmp_path / "grpo"))
+    # GRPO on mixed aspect-ratio rollouts: the 5 buckets of Lens's ratios at 64² area, one per prompt
+    lens_main.run(rl_config(base_run, "grpo", num_steps=2, **{"eval.enabled": False, "data.buckets": "ar9:64",
+                                                              "data.resolution": 64}), str(tmp_path / "grpo"))
     g = rows(str(tmp_path / "grpo"))
     assert all(np.isfinite(x["grpo/policy_loss"]) for x in g) and g[0]["grpo/kl"] == 0.0
+    assert all(x["judge/missing"] == 0 for x in g)
+    with open(tmp_path / "grpo" / "rollouts" / "step_000000.txt") as f:
+        sizes = [json.loads(line)["size"] for line in f]
+    assert len(sizes) == 4 and set(sizes) <= {"48x96", "48x80", "64x64", "80x48", "96x48"} and len(set(sizes)) > 1
 
     lens_main.run(rl_config(base_run, num_steps=1, **{"eval.enabled": False}), str(tmp_path / "rule"))
     server = make_server("127.0.0.1", 0)

@@ -80,15 +80,28 @@ def sde_coefficients(sigmas, noise_level: float = 0.7) -> Dict[str, np.ndarray]:
             "sigma": sig.astype(np.float32), "sigma_next": nxt.astype(np.float32)}
 
 
-def gaussian_log_prob(x: jax.Array, mean: jax.Array, std) -> jax.Array:
-    """log N(x; mean, std^2 I) averaged over every axis but the first: [B, ...] -> [B] float32."""
+def gaussian_log_prob(x: jax.Array, mean: jax.Array, std, img_mask: Optional[jax.Array] = None) -> jax.Array:
+    """log N(x; mean, std^2 I) averaged over every axis but the first: [B, ...] -> [B] float32.
+
+    img_mask: optional [B, N] token validity of x [B, N, C]; the mean then runs over valid tokens only."""
     x, mean = x.astype(jnp.float32), mean.astype(jnp.float32)
     std = jnp.asarray(std, jnp.float32)
     lp = -jnp.square(x - mean) / (2.0 * jnp.square(std)) - jnp.log(std) - 0.5 * LOG_2PI
-    return jnp.mean(lp.reshape(lp.shape[0], -1), axis=1)
+    return masked_token_mean(lp, img_mask)
 
 
-def _inputs(x, txt, txt_mask, img_pos, uncond_txt, uncond_mask, guidance):
+def masked_token_mean(x: jax.Array, img_mask: Optional[jax.Array] = None) -> jax.Array:
+    """Per-example mean of x [B, N, ...] over its valid tokens (img_mask [B, N]; None = all) -> [B] float32."""
+    x = x.astype(jnp.float32)
+    if img_mask is None:
+        return jnp.mean(x.reshape(x.shape[0], -1), axis=1)
+    valid = img_mask.astype(jnp.float32)
+    per_token = jnp.sum(x.reshape(x.shape[:2] + (-1,)), axis=2)                        # [B, N]
+    count = jnp.sum(valid, axis=1) * math.prod(x.shape[2:])
+    return jnp.sum(per_token * valid, axis=1) / jnp.maximum(count, 1.0)
+
+
+def _inputs(x, txt, txt_mask, img_pos, img_mask, uncond_txt, uncond_mask, guidance):
     x = jnp.asarray(x, jnp.float32)
     if x.ndim != 3:
         raise ValueError(f"x must be [B, N, C]; got {x.shape}")
@@ -99,17 +112,24 @@ def _inputs(x, txt, txt_mask, img_pos, uncond_txt, uncond_mask, guidance):
     pos = jnp.broadcast_to(pos, (b, n, 3)) if pos.ndim == 2 else pos
     if pos.shape != (b, n, 3):
         raise ValueError(f"img_pos must be [N, 3] or [B, N, 3] with N = {n}; got {tuple(pos.shape)}")
+    mask = None
+    if img_mask is not None:
+        mask = jnp.asarray(img_mask).astype(bool)
+        if mask.shape != (b, n):
+            raise ValueError(f"img_mask must be [B, N] = {(b, n)}; got {tuple(mask.shape)}")
+        x = jnp.where(mask[..., None], x, 0.0)           # padded token slots stay exactly zero
     if use_cfg:
         pos = jnp.concatenate([pos, pos], 0)
-    return x, t, m, pos, use_cfg
+        mask = None if mask is None else jnp.concatenate([mask, mask], 0)
+    return x, t, m, pos, mask, use_cfg
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
-def _ode_loop(static_fn, solver, use_cfg, params, x, sigmas, coefs, txt, txt_mask, pos, guidance):
+def _ode_loop(static_fn, solver, use_cfg, params, x, sigmas, coefs, txt, txt_mask, pos, img_mask, guidance):
     fn = _join_model_fn(static_fn, params)
 
     def vel(x, s):
-        return _velocity(fn, x, s, txt, txt_mask, pos, None, guidance, use_cfg)
+        return _velocity(fn, x, s, txt, txt_mask, pos, img_mask, guidance, use_cfg)
 
     num = sigmas.shape[0] - 1
     if solver == "euler":
@@ -133,50 +153,59 @@ def _ode_loop(static_fn, solver, use_cfg, params, x, sigmas, coefs, txt, txt_mas
 
 
 def ode_sample(model_fn, x_init, sigmas, txt, txt_mask, *, img_pos, solver: str = "dpm2", guidance: float = 1.0,
-               uncond_txt=None, uncond_mask=None) -> jax.Array:
+               img_mask=None, uncond_txt=None, uncond_mask=None) -> jax.Array:
     """Deterministic rollouts: noise x_init [B, N, C] -> latents [B, N, C] float32 at sigma = 0.
 
     sigmas: [T + 1] decreasing grid from <= 1 to 0; txt [B or 1, S, F], txt_mask [B or 1, S]; img_pos [N, 3] or
-    [B, N, 3]; solver one of ODE_SOLVERS (module docstring); guidance 1 = CFG-free."""
+    [B, N, 3]; solver one of ODE_SOLVERS (module docstring); guidance 1 = CFG-free; img_mask: optional [B, N]
+    bool token validity (images of several aspect ratios padded to N tokens; padded slots stay zero)."""
     if solver not in ODE_SOLVERS:
         raise ValueError(f"solver={solver!r}; choose one of {ODE_SOLVERS}")
     coefs = jnp.asarray(dpm2_coefficients(sigmas))
-    x, t, m, pos, use_cfg = _inputs(x_init, txt, txt_mask, img_pos, uncond_txt, uncond_mask, guidance)
+    x, t, m, pos, mask, use_cfg = _inputs(x_init, txt, txt_mask, img_pos, img_mask, uncond_txt, uncond_mask,
+                                          guidance)
     static_fn, params = _split_model_fn(model_fn)
     return _ode_loop(static_fn, solver, use_cfg, params, x, jnp.asarray(sigmas, jnp.float32), coefs, t, m, pos,
-                     jnp.float32(guidance))
+                     mask, jnp.float32(guidance))
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _sde_loop(static_fn, use_cfg, params, x, key, co, last, txt, txt_mask, pos, guidance):
+def _sde_loop(static_fn, use_cfg, params, x, key, co, last, txt, txt_mask, pos, img_mask, guidance):
     fn = _join_model_fn(static_fn, params)
+    valid = None if img_mask is None else img_mask[:x.shape[0]]       # the conditional half under CFG
 
     def step(x, inp):
         k, cx, cv, std, s = inp
-        v = _velocity(fn, x, s, txt, txt_mask, pos, None, guidance, use_cfg)
+        v = _velocity(fn, x, s, txt, txt_mask, pos, img_mask, guidance, use_cfg)
         mean = cx * x + cv * v
-        x_next = mean + std * jax.random.normal(k, x.shape, jnp.float32)
-        return x_next, (x, x_next, gaussian_log_prob(x_next, mean, std))
+        z = jax.random.normal(k, x.shape, jnp.float32)
+        if valid is not None:
+            z = jnp.where(valid[..., None], z, 0.0)
+        x_next = mean + std * z
+        return x_next, (x, x_next, gaussian_log_prob(x_next, mean, std, valid))
 
     keys = jax.random.split(key, co["std"].shape[0])
     x_last, (xs, xs_next, logps) = jax.lax.scan(step, x, (keys, co["cx"], co["cv"], co["std"], co["sigma"]))
     s, s2 = last
-    x0 = x_last + (s2 - s) * _velocity(fn, x_last, s, txt, txt_mask, pos, None, guidance, use_cfg)
+    x0 = x_last + (s2 - s) * _velocity(fn, x_last, s, txt, txt_mask, pos, img_mask, guidance, use_cfg)
     return x0, xs, xs_next, logps
 
 
 def sde_sample(model_fn, x_init, sigmas, txt, txt_mask, key, *, img_pos, noise_level: float = 0.7,
-               guidance: float = 1.0, uncond_txt=None, uncond_mask=None) -> Dict[str, Any]:
-    """Flow-GRPO rollouts with per-step log-probs (module docstring).
+               guidance: float = 1.0, img_mask=None, uncond_txt=None, uncond_mask=None) -> Dict[str, Any]:
+    """Flow-GRPO rollouts with per-step log-probs (module docstring); img_mask as in `ode_sample` (no noise
+    enters padded slots, log-probs average over valid tokens).
 
     Returns {'x0': [B, N, C] latents at sigma 0, 'x': [T-1, B, N, C] the state before each stochastic step,
     'x_next': [T-1, B, N, C] the state after it, 'log_prob': [T-1, B] float32 (mean over latent dims),
     'sigma', 'sigma_next', 'cx', 'cv', 'std': [T-1] the steps' coefficients (host NumPy)}."""
     co = sde_coefficients(sigmas, noise_level)
     s = _check_sigmas(sigmas)
-    x, t, m, pos, use_cfg = _inputs(x_init, txt, txt_mask, img_pos, uncond_txt, uncond_mask, guidance)
+    x, t, m, pos, mask, use_cfg = _inputs(x_init, txt, txt_mask, img_pos, img_mask, uncond_txt, uncond_mask,
+                                          guidance)
     static_fn, params = _split_model_fn(model_fn)
     dev = {k: jnp.asarray(v) for k, v in co.items() if k in ("cx", "cv", "std", "sigma")}
     x0, xs, xs_next, logps = _sde_loop(static_fn, use_cfg, params, x, key, dev,
-                                       (jnp.float32(s[-2]), jnp.float32(s[-1])), t, m, pos, jnp.float32(guidance))
+                                       (jnp.float32(s[-2]), jnp.float32(s[-1])), t, m, pos, mask,
+                                       jnp.float32(guidance))
     return dict(x0=x0, x=xs, x_next=xs_next, log_prob=logps, **co)

@@ -654,9 +654,10 @@ def prompt_attribute_checks(dets: Sequence[dict], meta: dict) -> dict[str, float
 
 def save_grid(images: Sequence[np.ndarray], path: str, ncol: int = 8, pad: int = 2,
               scale: int = 1, pad_value: int = 128) -> np.ndarray:
-    """Write images (uint8 [H, W, 3] or float in [-1, 1], same size) as one PNG grid.
+    """Write images (uint8 [H, W, 3] or float in [-1, 1]) as one PNG grid.
 
-    ``ncol`` images per row, ``pad`` pixels between them, optional integer nearest upscaling.
+    ``ncol`` images per row, ``pad`` pixels between them, optional integer nearest upscaling. Cells are the
+    largest image's H x W; smaller images (other aspect ratios) sit centred in theirs.
     Returns the grid, uint8 [rows*(H+pad)+pad, ncol*(W+pad)+pad, 3] (before scaling).
     """
     from PIL import Image
@@ -664,14 +665,15 @@ def save_grid(images: Sequence[np.ndarray], path: str, ncol: int = 8, pad: int =
     imgs = [to_uint8(im) for im in images]
     if not imgs:
         raise ValueError("no images")
-    H, W = imgs[0].shape[:2]
+    H, W = max(im.shape[0] for im in imgs), max(im.shape[1] for im in imgs)
     ncol = max(1, min(ncol, len(imgs)))
     nrow = -(-len(imgs) // ncol)
     grid = np.full((nrow * (H + pad) + pad, ncol * (W + pad) + pad, 3), pad_value, np.uint8)
     for i, im in enumerate(imgs):
         r, c = divmod(i, ncol)
-        y, x = pad + r * (H + pad), pad + c * (W + pad)
-        grid[y:y + H, x:x + W] = im
+        h, w = im.shape[:2]
+        y, x = pad + r * (H + pad) + (H - h) // 2, pad + c * (W + pad) + (W - w) // 2
+        grid[y:y + h, x:x + w] = im
     out = Image.fromarray(grid)
     if scale > 1:
         out = out.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)

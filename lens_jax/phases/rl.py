@@ -143,7 +143,7 @@ def run(config, workdir: str):
         f" guidance {config.rl.rollout_guidance:g}), judge {config.judge.kind}; "
         + (f"LoRA rank {config.lora.rank} alpha {config.lora.alpha:g}" if build.lora_spec(config) else
            "full fine-tuning"))
-    source = RolloutSource(config, workdir, spec, plain, to_plain, enc, records, judge, mesh, say=say)
+    source = RolloutSource(config, workdir, spec, plain, to_plain, enc, records, judge, mesh, say=say, rules=rules)
 
     def on_start(start):
         source.attach(start.state, start.step)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lens_jax.diffusion.rollout import gaussian_log_prob
+from lens_jax.diffusion.rollout import gaussian_log_prob, masked_token_mean
 from lens_jax.diffusion.sampler import cfg_combine
 from lens_jax.train.step import Mean, Objective
 
@@ -41,7 +41,7 @@ def grpo_objective(model, cfg: GRPOConfig, coefs, *, net: str = "dit", reference
 
     coefs: the step coefficients of the rollout grid (`rollout.sde_coefficients`: cx, cv, std, sigma; [T] each).
     Batch (dict): x [B, T, N, C], x_next [B, T, N, C], log_prob [B, T] (the sampler's), adv [B], weight [B],
-    img_pos [B, N, 3], txt [B, S, F], txt_mask [B, S]."""
+    img_pos [B, N, 3], txt [B, S, F], txt_mask [B, S], optional img_mask [B, N] (mixed aspect ratios)."""
     from lens_jax.train.step import rules_context
     if cfg.kl_weight > 0 and reference is None:
         raise ValueError("Flow-GRPO with kl_weight > 0 needs a reference policy")
@@ -50,14 +50,16 @@ def grpo_objective(model, cfg: GRPOConfig, coefs, *, net: str = "dit", reference
 
     def velocity(p, batch, x, s):
         b = x.shape[0]
-        txt, mask, pos = batch["txt"], batch["txt_mask"], batch["img_pos"]
+        txt, mask, pos, valid = batch["txt"], batch["txt_mask"], batch["img_pos"], batch.get("img_mask")
         if use_cfg:
             x = jnp.concatenate([x, x], 0)
             txt = jnp.concatenate([txt, jnp.zeros_like(txt)], 0)
             mask = jnp.concatenate([mask, jnp.zeros_like(mask)], 0)
             pos = jnp.concatenate([pos, pos], 0)
+            valid = None if valid is None else jnp.concatenate([valid, valid], 0)
+        kw = {} if valid is None else {"img_mask": valid}
         with rules_context(rules):
-            v = model.apply({"params": p}, x, pos, txt, mask, jnp.full((x.shape[0],), s, jnp.float32))
+            v = model.apply({"params": p}, x, pos, txt, mask, jnp.full((x.shape[0],), s, jnp.float32), **kw)
         v = v.astype(jnp.float32)
         return cfg_combine(v[:b], v[b:], cfg.guidance) if use_cfg else v
 
@@ -70,13 +72,13 @@ def grpo_objective(model, cfg: GRPOConfig, coefs, *, net: str = "dit", reference
         def one(carry, j):
             x, x_next = batch["x"][:, j].astype(jnp.float32), batch["x_next"][:, j].astype(jnp.float32)
             mean = cx[j] * x + cv[j] * velocity(params[net], batch, x, sig[j])
-            logp = gaussian_log_prob(x_next, mean, std[j])
+            logp = gaussian_log_prob(x_next, mean, std[j], batch.get("img_mask"))
             ratio = jnp.exp(logp - batch["log_prob"][:, j].astype(jnp.float32))
             pg = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1 - cfg.clip_range, 1 + cfg.clip_range))
             kl = jnp.zeros_like(pg)
             if ref is not None:
                 mean_ref = cx[j] * x + cv[j] * jax.lax.stop_gradient(velocity(ref, batch, x, sig[j]))
-                kl = jnp.mean(jnp.square(mean - mean_ref).reshape(x.shape[0], -1), 1) / (2 * jnp.square(std[j]))
+                kl = masked_token_mean(jnp.square(mean - mean_ref), batch.get("img_mask")) / (2 * jnp.square(std[j]))
             clipped = (jnp.abs(ratio - 1) > cfg.clip_range).astype(jnp.float32)
             out = (jnp.sum(pg * w) / n, jnp.sum(kl * w) / n, jnp.sum(clipped * w) / n,
                    jnp.sum(jnp.abs(ratio - 1) * w) / n)

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from lens_jax.diffusion.rollout import masked_token_mean
 from lens_jax.train.step import Mean, Objective
 
 
@@ -64,13 +65,11 @@ def old_policy_decay(kind: str) -> Callable:
     raise ValueError(f"old-policy decay {kind!r}; choose 'type1', 'type2' or 'constant:<eta>'")
 
 
-def _per_image(x):
-    return jnp.mean(x.reshape(x.shape[0], -1), axis=1)
-
-
-def nft_terms(v_theta, v_old, v_ref, x0, x_t, eps, t, r, cfg: NFTConfig):
-    """Per-image (loss [B], parts dict of [B]) of the module docstring's loss, all float32."""
+def nft_terms(v_theta, v_old, v_ref, x0, x_t, eps, t, r, cfg: NFTConfig, img_mask=None):
+    """Per-image (loss [B], parts dict of [B]) of the module docstring's loss, all float32; means over the
+    valid tokens of img_mask [B, N] (None = all tokens)."""
     f = lambda a: a.astype(jnp.float32)  # noqa: E731
+    _per_image = lambda a: masked_token_mean(a, img_mask)  # noqa: E731
     v_theta, v_old, x0, x_t, eps = f(v_theta), f(jax.lax.stop_gradient(v_old)), f(x0), f(x_t), f(eps)
     b = cfg.beta
     v_pos = (1 - b) * v_old + b * v_theta
@@ -100,15 +99,17 @@ def nft_objective(model, cfg: NFTConfig, *, net: str = "dit", reference: Optiona
 
     reference(params_by_name) -> the reference weights (e.g. `lambda p: lora.disable(p['dit'])`, or
     `lambda p: p['ref']`); None with kl_weight > 0 is an error. Batch (dict): x0 [B, N, C] rollout latents,
-    img_pos [B, N, 3], txt [B, S, F], txt_mask [B, S], r [B] optimality weights, weight [B] (0 = left out).
+    img_pos [B, N, 3], txt [B, S, F], txt_mask [B, S], r [B] optimality weights, weight [B] (0 = left out),
+    optional img_mask [B, N] (mixed aspect ratios padded to N tokens).
     repeats > 1: that many updates per step on the strided mini-batches j, j + repeats, ... (fresh t, eps)."""
     from lens_jax.train.step import rules_context
     if cfg.kl_weight > 0 and reference is None:
         raise ValueError("NFT with kl_weight > 0 needs a reference policy")
 
     def apply(p, batch, x_t, t):
+        kw = {"img_mask": batch["img_mask"]} if "img_mask" in batch else {}
         with rules_context(rules):
-            return model.apply({"params": p}, x_t, batch["img_pos"], batch["txt"], batch["txt_mask"], t)
+            return model.apply({"params": p}, x_t, batch["img_pos"], batch["txt"], batch["txt_mask"], t, **kw)
 
     def loss_fn(params, batch, rng):
         x0 = batch["x0"].astype(jnp.float32)
@@ -122,7 +123,8 @@ def nft_objective(model, cfg: NFTConfig, *, net: str = "dit", reference: Optiona
         v_theta = apply(params[net], batch, x_t, t)
         v_old = apply(params[net + ".ema"], batch, x_t, t)
         v_ref = apply(reference(params), batch, x_t, t) if cfg.kl_weight > 0 else None
-        per, parts = nft_terms(v_theta, v_old, v_ref, x0, x_t, eps, t, batch["r"].astype(jnp.float32), cfg)
+        per, parts = nft_terms(v_theta, v_old, v_ref, x0, x_t, eps, t, batch["r"].astype(jnp.float32), cfg,
+                               batch.get("img_mask"))
         w = batch["weight"].astype(jnp.float32)
         n = jnp.sum(w)
         loss = jnp.sum(per * w) / jnp.maximum(n, 1.0)

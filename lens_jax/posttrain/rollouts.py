@@ -9,6 +9,9 @@
 
 `RolloutSource` is the trainer's batch source: batch s is a pure function of (config.seed, s, the state's
 weights), so a resumed run rolls out exactly what an uninterrupted one would (given the judge's verdicts).
+With config.data.buckets set, each prompt of a step draws one bucket of the base area (`rollout_buckets`) and
+the batch is padded to the largest bucket's tokens with an `img_mask`; config.rl.rollout_batch splits the
+step's rollouts into sampler calls (memory), traced under the run's activation sharding rules.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import numpy as np
 from lens_jax import build
 from lens_jax.configs.base import ConfigError
 from lens_jax.train.loop import StopTraining
+from lens_jax.train.step import rules_context
 
 
 def rl_state(config, model, plain):
@@ -87,6 +91,28 @@ def rl_state(config, model, plain):
     return TrainSpec(nets, seed=config.seed), [obj], rules, merge
 
 
+def rollout_buckets(config):
+    """((W, H) buckets of the rollouts, base side): the base area config.data.resolution of config.data.buckets
+    when set (e.g. 'lens27' at 1024: Lens's 9 RL buckets 736x1472 ... 1472x736), else one square of
+    data.image_size."""
+    from lens_jax.data.buckets import bucket_table
+    d = config.data
+    if not d.get("buckets", ""):
+        side = int(d.image_size)
+        return ((side, side),), side
+    try:
+        table = bucket_table(d.buckets, int(d.resolution))
+    except ValueError as e:
+        raise ConfigError(f"config.data.buckets: {e}") from None
+    if table.num_areas == 1:
+        return tuple(table.buckets[0]), int(table.sides[0])
+    if int(d.resolution) not in table.sides:
+        raise ConfigError(f"config.data.buckets={d.buckets!r} has base areas {table.sides}; RL rollouts use one: "
+                          f"set config.data.resolution to one of them")
+    a = table.sides.index(int(d.resolution))
+    return tuple(table.buckets[a]), int(table.sides[a])
+
+
 def _mu(config) -> Optional[float]:
     return None if config.rl.rollout_mu < 0 else float(config.rl.rollout_mu)
 
@@ -103,11 +129,12 @@ class RolloutSource:
     """Rollouts -> judged rewards -> NFT / GRPO batches, one per trainer step (module docstring)."""
 
     def __init__(self, config, workdir: str, spec, plain_model, to_plain, enc, records: List[dict], judge, mesh,
-                 say=print):
+                 say=print, rules=None):
         from lens_jax.diffusion.schedules import sampling_sigmas
         from lens_jax.models.mmdit import image_positions
         from lens_jax.posttrain.rewards import Aggregation
         self.config, self.workdir, self.spec, self.model = config, workdir, spec, plain_model
+        self.rules = rules           # activation sharding rules: the sampler's batch stays split like a training batch
         self.to_plain, self.enc, self.records, self.judge, self.mesh, self.say = (
             to_plain, enc, records, judge, mesh, say)
         r = config.rl
@@ -119,9 +146,16 @@ class RolloutSource:
                               f"must be divisible by the mesh's {dp} data-parallel devices")
         if self.G > len(records):
             raise ConfigError(f"config.rl.prompts_per_step={self.G} exceeds the {len(records)} RL prompts")
-        self.side = int(config.data.image_size)
+        self.rollout_batch = int(r.rollout_batch) or self.G * self.K
+        if (self.G * self.K) % self.rollout_batch or self.rollout_batch % dp:
+            raise ConfigError(f"config.rl.rollout_batch={r.rollout_batch} must divide the {self.G * self.K} rollouts "
+                              f"per step and be divisible by the mesh's {dp} data-parallel devices")
+        self.buckets, self.side = rollout_buckets(config)
+        self.mixed = len(self.buckets) > 1
+        self.n_tokens = max((w // 16) * (h // 16) for w, h in self.buckets)
+        # One sigma grid for the batch: that of the base area (the buckets' token counts differ by a few %).
+        self.sigmas = sampling_sigmas((self.side // 16) ** 2, int(r.rollout_steps), _mu(config))
         self.h = self.w = self.side // 16
-        self.sigmas = sampling_sigmas(self.h * self.w, int(r.rollout_steps), _mu(config))
         self.pos = np.asarray(image_positions(self.h, self.w), np.int32)
         self.channels = int(plain_model.config.in_channels)
         self.agg = Aggregation(global_weight=float(r.global_weight), gate_global=bool(r.gate_global),
@@ -165,6 +199,8 @@ class RolloutSource:
         nft = self.config.rl.algorithm == "nft"
         dims = dict(img_pos=3, txt=3, txt_mask=2, weight=1)
         dims.update(dict(x0=3, r=1) if nft else dict(x=4, x_next=4, log_prob=2, adv=1))
+        if self.mixed:
+            dims["img_mask"] = 2
         return {k: batch_sharding(self.mesh, n) for k, n in dims.items()}
 
     def __next__(self):
@@ -193,10 +229,42 @@ class RolloutSource:
                 out.append(_slice(members, min(k, len(members)), step, [seed, 0x7E1, i]))
         return np.concatenate(out)
 
+    def step_buckets(self, step: int) -> np.ndarray:
+        """[G] bucket index of each prompt of step `step` (seeded, uniform; all 0 with one bucket). The K images
+        of a prompt share its bucket, so a group compares images of one shape."""
+        if not self.mixed:
+            return np.zeros((self.G,), np.int64)
+        rng = np.random.default_rng([int(self.config.seed), 0xB0C, int(step)])
+        return rng.integers(len(self.buckets), size=self.G)
+
+    def layout(self, step: int):
+        """(img_pos [G*K, N, 3] int32, img_mask [G*K, N] bool or None, bucket per rollout [G*K])."""
+        from lens_jax.data.buckets import bucket_positions
+        per_row = np.repeat(self.step_buckets(step), self.K)
+        if not self.mixed:
+            return np.broadcast_to(self.pos, (self.G * self.K,) + self.pos.shape).copy(), None, per_row
+        pm = [bucket_positions(w, h, self.n_tokens) for w, h in self.buckets]
+        pos = np.stack([pm[b][0] for b in per_row])
+        mask = np.stack([pm[b][1] for b in per_row])
+        return pos, mask, per_row
+
+    def decode(self, x0, per_row) -> List[np.ndarray]:
+        """Rollout latents [G*K, N, C] -> uint8 images (one list entry each, [H, W, 3] of its bucket)."""
+        from lens_jax.pipeline import to_uint8
+        x0 = np.asarray(jax.device_get(x0), np.float32)
+        out: List[Optional[np.ndarray]] = [None] * len(x0)
+        for b in np.unique(per_row):
+            w, h = self.buckets[int(b)]
+            rows = np.flatnonzero(per_row == b)
+            n = (h // 16) * (w // 16)
+            imgs = to_uint8(self.enc.vae.decode_tokens(x0[rows, :n], h // 16, w // 16))
+            for j, im in zip(rows, imgs):
+                out[j] = im
+        return out
+
     def rollout(self, step: int):
         from lens_jax.diffusion import rollout as R
         from lens_jax.diffusion.sampler import make_model_fn
-        from lens_jax.pipeline import to_uint8
         from lens_jax.posttrain.rewards import grpo_advantages, nft_weights
         cfg, G, K = self.config, self.G, self.K
         nft = cfg.rl.algorithm == "nft"
@@ -208,27 +276,41 @@ class RolloutSource:
         key = jax.random.fold_in(jax.random.key(int(cfg.seed) + 0x5EED), step)
         k_x, k_sde = jax.random.split(key)
         from lens_jax.train.sharding import batch_sharding
-        x = jax.random.normal(k_x, (G * K, self.h * self.w, self.channels), jnp.float32)
-        # The rollout batch is sharded over the mesh's data axes like a training batch.
-        x = jax.device_put(x, batch_sharding(self.mesh, 3))
-        txt = jax.device_put(self.txt[rows], batch_sharding(self.mesh, 3))
-        mask = jax.device_put(self.mask[rows], batch_sharding(self.mesh, 2))
+        pos, img_mask, per_row = self.layout(step)
+        x = np.asarray(jax.random.normal(k_x, (G * K, self.n_tokens, self.channels), jnp.float32))
         g = float(cfg.rl.rollout_guidance)
-        with jax.set_mesh(self.mesh):
-            if nft:
-                x0 = R.ode_sample(fn, x, self.sigmas, txt, mask, img_pos=self.pos, solver=cfg.rl.solver, guidance=g)
-                traj = None
-            else:
-                traj = R.sde_sample(fn, x, self.sigmas, txt, mask, k_sde, img_pos=self.pos,
-                                    noise_level=float(cfg.grpo.noise_level), guidance=g)
-                x0 = traj["x0"]
-        images = to_uint8(self.enc.vae.decode_tokens(x0, self.h, self.w))
+        chunk = self.rollout_batch
+        outs = []
+        for c0 in range(0, G * K, chunk):      # sampler calls of rl.rollout_batch rollouts (memory)
+            sl = slice(c0, c0 + chunk)
+            # Each call's batch is sharded over the mesh's data axes like a training batch.
+            put = lambda v, nd: jax.device_put(v[sl], batch_sharding(self.mesh, nd))  # noqa: E731
+            xs, txt, mask = put(x, 3), put(self.txt[rows], 3), put(self.mask[rows], 2)
+            pos_d = put(pos, 3) if self.mixed else self.pos
+            mask_d = None if img_mask is None else put(img_mask, 2)
+            with jax.set_mesh(self.mesh), rules_context(self.rules):
+                if nft:
+                    outs.append(R.ode_sample(fn, xs, self.sigmas, txt, mask, img_pos=pos_d, img_mask=mask_d,
+                                             solver=cfg.rl.solver, guidance=g))
+                else:
+                    k = k_sde if chunk == G * K else jax.random.fold_in(k_sde, c0)
+                    outs.append(R.sde_sample(fn, xs, self.sigmas, txt, mask, k, img_pos=pos_d, img_mask=mask_d,
+                                             noise_level=float(cfg.grpo.noise_level), guidance=g))
+        if nft:
+            x0, traj = np.concatenate([np.asarray(o) for o in outs]), None
+        else:
+            traj = {k: np.concatenate([np.asarray(o[k]) for o in outs], axis=1 if k != "x0" else 0)
+                    for k in ("x0", "x", "x_next", "log_prob")}
+            x0 = traj["x0"]
+        txt, mask = self.txt[rows], self.mask[rows]
+        images = self.decode(x0, per_row)
         t1 = time.time()
         scores = self._judge(images, [self.records[i] for i in rows], step)
         t2 = time.time()
         rewards = scores.rewards.reshape(G, K)
-        common = dict(img_pos=np.broadcast_to(self.pos, (G * K,) + self.pos.shape).copy(),
-                      txt=np.asarray(txt), txt_mask=np.asarray(mask))
+        common = dict(img_pos=pos, txt=np.asarray(txt), txt_mask=np.asarray(mask))
+        if self.mixed:
+            common["img_mask"] = img_mask
         if nft:
             r, weight, mm = nft_weights(rewards, cfg.nft.reward_mapping, clip=float(cfg.grpo.adv_clip))
             batch = dict(common, x0=np.asarray(x0, np.float32), r=r.reshape(-1), weight=weight.reshape(-1))
@@ -269,8 +351,9 @@ class RolloutSource:
         os.makedirs(d, exist_ok=True)
         rows = min(len(idx), 6)
         save_grid(list(images[:rows * self.K]), os.path.join(d, f"step_{step:06d}.png"), ncol=self.K,
-                  scale=max(1, 96 // self.side))
+                  scale=max(1, 96 // max(max(wh) for wh in self.buckets)))
         with open(os.path.join(d, f"step_{step:06d}.txt"), "w") as f:
             for j in range(rows):
-                f.write(json.dumps({"prompt": self.records[idx[j]]["prompt"],
+                h, w = images[j * self.K].shape[:2]
+                f.write(json.dumps({"prompt": self.records[idx[j]]["prompt"], "size": f"{w}x{h}",
                                     "rewards": [round(float(v), 3) for v in rewards[j]]}) + "\n")

@@ -128,7 +128,7 @@ def run(config, workdir: Optional[str] = None, log=print) -> Dict[str, Any]:
 
     t0 = time.time()
     dp = sharding_lib.data_parallel_size(mesh)
-    shapes = micro_batch_shapes(config, dp)
+    shapes = micro_batch_shapes(config, dp) if config.phase != "rl" else []
     s_txt = _text_len(config)
     feat = cfg.num_text_layers * cfg.text_dim
     online = config.data.get("features", "cached") == "online"
@@ -140,8 +140,13 @@ def run(config, workdir: Optional[str] = None, log=print) -> Dict[str, Any]:
     def bsh(ndim):
         return sharding_lib.batch_sharding(mesh, ndim)
 
-    batches = []
-    for sh in shapes:
+    rl = None
+    if config.phase == "rl":
+        rl = _rl_plan(config, model, mesh, dp, s_txt, feat, dtype, sds, bsh)
+        shapes, batches = rl["shapes"], [rl["batch"]]
+        online = False
+    batches = [] if rl is None else batches
+    for sh in ([] if rl is not None else shapes):
         b, n = sh["global_batch"], sh["tokens"]
         if online:
             pix = jnp.uint8 if config.data.get("pixel_dtype", "float32") == "uint8" else jnp.float32
@@ -166,7 +171,10 @@ def run(config, workdir: Optional[str] = None, log=print) -> Dict[str, Any]:
         encoding = build.online_encoding(config, vae_config(config.vae.preset),
                                          gpt_oss_config(config.text_encoder.preset), _offset(config), batches[0],
                                          load=False)
-    spec, objectives, rules = pretrain_state(config, model, dummy_inputs(cfg), encoding)
+    if rl is None:
+        spec, objectives, rules = pretrain_state(config, model, dummy_inputs(cfg), encoding)
+    else:
+        spec, objectives, rules = rl["spec"], rl["objectives"], rl["rules"]
     abstract, _ = spec.abstract(mesh)
     jitted, _ = jit_step(spec, objectives, mesh, sharding_lib.batch_shardings(mesh, batch_arg),
                          grad_accum_steps=k_accum, rules=rules)
@@ -192,6 +200,8 @@ def run(config, workdir: Optional[str] = None, log=print) -> Dict[str, Any]:
     except Exception:  # backend-dependent
         pass
     remat_factor = 4.0 if m.remat_policy == "full" else 3.0
+    if rl is not None:
+        remat_factor = rl["forward_factor"](remat_factor)
     # per_device_batch is per data-parallel rank: with tensor > 1 the tensor group shares those examples.
     fwd = sum(forward_flops(cfg, sh["per_device"], sh["tokens"], s_txt) for sh in shapes)
     per_net = bytes_per_device(abstract)
@@ -211,13 +221,131 @@ def run(config, workdir: Optional[str] = None, log=print) -> Dict[str, Any]:
         tflop_per_device_step=fwd * remat_factor * dp / n_dev / 1e12, tflop_global_step=fwd * remat_factor * dp / 1e12,
         xla_tflop=None if xla_flops is None else xla_flops / 1e12,
         lower_s=round(t_lower, 1), compile_s=round(t_compile, 1), backend=jax.default_backend(),
-        jax_version=jax.__version__, notes=notes)
+        jax_version=jax.__version__, notes=notes, forward_factor=remat_factor)
+    if rl is not None:
+        report["rl"] = _rl_rollout_report(config, model, mesh, abstract, rl, s_txt, feat, dtype, sds, bsh, total)
     log(format_report(report))
     if workdir:
         os.makedirs(workdir, exist_ok=True)
         with open(os.path.join(workdir, "compile_only.json"), "w") as f:
             json.dump(report, f, indent=2)
     return report
+
+
+def _rl_plan(config, model, mesh, dp, s_txt, feat, dtype, sds, bsh) -> Dict[str, Any]:
+    """The RL train state (posttrain.rollouts.rl_state: adapters on the frozen base, the old policy as their EMA)
+    and one step's abstract batch: prompts_per_step x images_per_prompt rollouts, padded to the rollout
+    buckets' largest token count with an image mask when there are several."""
+    import jax.numpy as jnp
+    from lens_jax import build
+    from lens_jax.posttrain.rollouts import rl_state, rollout_buckets
+    r = config.rl
+    nft = r.algorithm == "nft"
+    buckets, side = rollout_buckets(config)
+    n = max((w // 16) * (h // 16) for w, h in buckets)
+    b = int(r.prompts_per_step) * int(r.images_per_prompt)
+    if b % dp:
+        raise ValueError(f"{b} rollouts per step do not divide over {dp} data-parallel devices")
+    c = model.config.in_channels
+    batch = dict(img_pos=sds((b, n, 3), jnp.int32, bsh(3)), txt=sds((b, s_txt, feat), dtype, bsh(3)),
+                 txt_mask=sds((b, s_txt), jnp.bool_, bsh(2)), weight=sds((b,), jnp.float32, bsh(1)))
+    steps = int(r.rollout_steps)
+    if nft:
+        batch.update(x0=sds((b, n, c), jnp.float32, bsh(3)), r=sds((b,), jnp.float32, bsh(1)))
+    else:
+        batch.update(x=sds((b, steps - 1, n, c), jnp.float32, bsh(4)),
+                     x_next=sds((b, steps - 1, n, c), jnp.float32, bsh(4)),
+                     log_prob=sds((b, steps - 1), jnp.float32, bsh(2)), adv=sds((b,), jnp.float32, bsh(1)))
+    if len(buckets) > 1:
+        batch["img_mask"] = sds((b, n), jnp.bool_, bsh(2))
+    plain = build.build_dit(_without_lora(config), attention=model.attention)
+    spec, objectives, rules, _ = rl_state(config, model, plain)
+    kl = float(config.nft.kl_weight if nft else config.grpo.kl_weight) > 0
+    w, h = max(buckets, key=lambda wh: (wh[0] // 16) * (wh[1] // 16))
+    shapes = [dict(area=side, per_device=b // dp, global_batch=b, tokens=n, width=w, height=h,
+                   padded=len(buckets) > 1)]
+    # Forwards per rollout per update, from the policy's forward+backward(+recompute) factor f: NFT f + the old
+    # policy's forward + the reference's (KL > 0); GRPO (f + reference) for each of the T - 1 recorded steps.
+    if nft:
+        factor = lambda f: f + 1.0 + kl  # noqa: E731
+    else:
+        factor = lambda f: (steps - 1) * (f + kl)  # noqa: E731
+    return dict(spec=spec, objectives=objectives, rules=rules, batch=batch, shapes=shapes, forward_factor=factor,
+                plain=plain, buckets=buckets, side=side, rollouts=b, tokens=n, nft=nft)
+
+
+def _rl_rollout_report(config, model, mesh, abstract, rl, s_txt, feat, dtype, sds, bsh, train_total):
+    """Compiles one rollout (the ODE / SDE loop of diffusion/rollout.py over the merged plain DiT) for the
+    step's rollout batch and reports its memory beside the train step's."""
+    import jax
+    import jax.numpy as jnp
+    from lens_jax.diffusion import rollout as R
+    from lens_jax.diffusion.sampler import make_model_fn
+    from lens_jax.diffusion.schedules import sampling_sigmas
+    from lens_jax.models.flops import forward_flops
+    from lens_jax.train.state import bytes_per_device
+    r = config.rl
+    b, n = int(r.rollout_batch) or rl["rollouts"], rl["tokens"]
+    if rl["rollouts"] % b:
+        raise ValueError(f"config.rl.rollout_batch={b} does not divide the {rl['rollouts']} rollouts per step")
+    c = model.config.in_channels
+    from lens_jax.models import lora as lora_lib
+    dit = abstract["nets"]["dit"]["params"]
+    base_abs = lora_lib.split(dit)[0] if lora_lib.has_lora(dit) else dit     # the merged DiT has its shapes
+    sig = sampling_sigmas((rl["side"] // 16) ** 2, int(r.rollout_steps))
+    g = float(r.rollout_guidance)
+    x = sds((b, n, c), jnp.float32, bsh(3))
+    txt = sds((b, s_txt, feat), dtype, bsh(3))
+    tmask = sds((b, s_txt), jnp.bool_, bsh(2))
+    pos = sds((b, n, 3), jnp.int32, bsh(3))
+    imask = sds((b, n), jnp.bool_, bsh(2)) if len(rl["buckets"]) > 1 else None
+    fn = make_model_fn(rl["plain"], base_abs)
+    static_fn, _ = R._split_model_fn(fn)
+    use_cfg = g != 1.0
+    if use_cfg:                     # the [cond; uncond] batch the loop sees
+        txt2 = sds((2 * b, s_txt, feat), dtype, bsh(3))
+        tmask2, pos2 = sds((2 * b, s_txt), jnp.bool_, bsh(2)), sds((2 * b, n, 3), jnp.int32, bsh(3))
+        imask2 = None if imask is None else sds((2 * b, n), jnp.bool_, bsh(2))
+    else:
+        txt2, tmask2, pos2, imask2 = txt, tmask, pos, imask
+    from lens_jax.train.step import rules_context
+    t0 = time.time()
+    with jax.set_mesh(mesh), rules_context(rl["rules"]):
+        if rl["nft"]:
+            coefs = jnp.asarray(R.dpm2_coefficients(sig))
+            lowered = R._ode_loop.lower(static_fn, r.solver, use_cfg, base_abs, x, jnp.asarray(sig, jnp.float32),
+                                        coefs, txt2, tmask2, pos2, imask2, jnp.float32(g))
+        else:
+            co = {k: jnp.asarray(v) for k, v in R.sde_coefficients(sig, float(config.grpo.noise_level)).items()
+                  if k in ("cx", "cv", "std", "sigma")}
+            lowered = R._sde_loop.lower(static_fn, use_cfg, base_abs, x, jax.random.key(0), co,
+                                        (jnp.float32(sig[-2]), jnp.float32(sig[-1])), txt2, tmask2, pos2, imask2,
+                                        jnp.float32(g))
+        compiled = lowered.compile()
+    mem = compiled.memory_analysis()
+    ma = {f: int(getattr(mem, f, 0) or 0) for f in ("argument_size_in_bytes", "output_size_in_bytes",
+                                                   "alias_size_in_bytes", "temp_size_in_bytes")} if mem else {}
+    per_net = bytes_per_device(abstract)
+    resident = sum(sum(v.values()) for v in per_net.values())       # the train state stays on the devices
+    merged = ma.get("argument_size_in_bytes", 0)                     # merged plain DiT + noise + text
+    peak = resident + merged + ma.get("output_size_in_bytes", 0) + ma.get("temp_size_in_bytes", 0)
+    calls = int(r.rollout_steps) * (2 if r.solver == "heun" and rl["nft"] else 1)
+    dp = rl["rollouts"] // rl["shapes"][0]["per_device"]
+    fwd = forward_flops(model.config, (2 if use_cfg else 1) * rl["rollouts"] // dp, n, s_txt) * calls
+    return dict(rollouts=rl["rollouts"], per_call=b, tokens=n, buckets=[f"{w}x{h}" for w, h in rl["buckets"]],
+                steps=int(r.rollout_steps),
+                solver=r.solver if rl["nft"] else "sde", guidance=g,
+                memory_analysis={k: v / GIB for k, v in ma.items()}, state_resident_gib=resident / GIB,
+                peak_gib=peak / GIB, fits_80gb=bool(peak <= GPU_BYTES), train_total_gib=train_total / GIB,
+                tflop_per_device=fwd / 1e12, compile_s=round(time.time() - t0, 1))
+
+
+def _without_lora(config):
+    import copy
+    c = copy.deepcopy(config)
+    if c.get("lora") is not None:
+        c.lora.rank = 0
+    return c
 
 
 def _offset(config) -> int:
@@ -244,10 +372,20 @@ def format_report(r: Dict[str, Any]) -> str:
         f"  total (argument + output - alias + temp + code): {r['total_gib']:.2f} GiB per device -> "
         f"{'fits' if r['fits_80gb'] else 'does NOT fit'} an 80 GB GPU (74.5 GiB)",
         f"  FLOPs per step: {r['tflop_per_device_step']:.1f} TFLOP per device, {r['tflop_global_step']:.1f} TFLOP "
-        f"global (analytic matmuls, x{4 if r['remat_policy'] == 'full' else 3} forward); XLA cost analysis "
+        f"global (analytic matmuls, x{r.get('forward_factor', 4):g} forward); XLA cost analysis "
         f"{'n/a' if r['xla_tflop'] is None else format(r['xla_tflop'], '.2f')} TFLOP (counts a scanned body once)",
         f"  lower {r['lower_s']} s, compile {r['compile_s']} s (jax {r['jax_version']})",
     ]
+    if "rl" in r:
+        q = r["rl"]
+        lines.append(
+            f"  rollout ({q['solver']}, {q['steps']} steps, guidance {q['guidance']:g}): {q['rollouts']} images of "
+            f"up to {q['tokens']} tokens ({len(q['buckets'])} buckets), {q['per_call']} per sampler call; memory_analysis "
+            "per device (GiB): "
+            + ", ".join(f"{k.replace('_size_in_bytes', '')} {v:.2f}" for k, v in q["memory_analysis"].items())
+            + f"; with the resident train state {q['state_resident_gib']:.2f} GiB: peak {q['peak_gib']:.2f} GiB -> "
+            f"{'fits' if q['fits_80gb'] else 'does NOT fit'} an 80 GB GPU; {q['tflop_per_device']:.1f} TFLOP per "
+            f"device per step's rollouts")
     lines += [f"  note: {n}" for n in r["notes"]]
     if r["backend"] == "cpu":
         lines.append("  note: CPU memory_analysis is an estimate of GPU memory (different compiler, buffer "
