@@ -31,6 +31,7 @@ def rl_config(base, variant="tiny", **over):
     c.rl.prompts_per_step = 4
     c.rl.images_per_prompt = 2
     c.rl.rollout_steps = 3
+    c.nft.updates_per_step = 1       # one update per step: step 1's KL is the reference's (0)
     c.rl.grid_every = 2
     c.rl.eval_guidances = (1.0,)
     c.num_steps = 3

@@ -174,7 +174,13 @@ class RolloutSource:
         length = max(f.shape[1] for f in feats)
         feats = [np.pad(f, ((0, 0), (0, length - f.shape[1]), (0, 0))) for f in feats]
         masks = [np.pad(m, ((0, 0), (0, length - m.shape[1]))) for m in masks]
-        return np.concatenate(feats), np.concatenate(masks)
+        feats, masks = np.concatenate(feats), np.concatenate(masks)
+        # Right padding that no prompt uses is dropped: the DiT masks padded text, so this only saves compute.
+        used = masks.any(axis=0)
+        n = int(used.sum())
+        if n and used[:n].all():
+            feats, masks = feats[:, :n], masks[:, :n]
+        return feats, masks
 
     # ------------------------------------------------------------------ the trainer's source protocol
 
