@@ -285,22 +285,23 @@ class RolloutSource:
         pos, img_mask, per_row = self.layout(step)
         x = np.asarray(jax.random.normal(k_x, (G * K, self.n_tokens, self.channels), jnp.float32))
         g = float(cfg.rl.rollout_guidance)
+        txt, mask = self.txt[rows], self.mask[rows]
         chunk = self.rollout_batch
         outs = []
         for c0 in range(0, G * K, chunk):      # sampler calls of rl.rollout_batch rollouts (memory)
             sl = slice(c0, c0 + chunk)
             # Each call's batch is sharded over the mesh's data axes like a training batch.
             put = lambda v, nd: jax.device_put(v[sl], batch_sharding(self.mesh, nd))  # noqa: E731
-            xs, txt, mask = put(x, 3), put(self.txt[rows], 3), put(self.mask[rows], 2)
+            xs, txt_d, tmask_d = put(x, 3), put(txt, 3), put(mask, 2)
             pos_d = put(pos, 3) if self.mixed else self.pos
             mask_d = None if img_mask is None else put(img_mask, 2)
             with jax.set_mesh(self.mesh), rules_context(self.rules):
                 if nft:
-                    outs.append(R.ode_sample(fn, xs, self.sigmas, txt, mask, img_pos=pos_d, img_mask=mask_d,
+                    outs.append(R.ode_sample(fn, xs, self.sigmas, txt_d, tmask_d, img_pos=pos_d, img_mask=mask_d,
                                              solver=cfg.rl.solver, guidance=g))
                 else:
                     k = k_sde if chunk == G * K else jax.random.fold_in(k_sde, c0)
-                    outs.append(R.sde_sample(fn, xs, self.sigmas, txt, mask, k, img_pos=pos_d, img_mask=mask_d,
+                    outs.append(R.sde_sample(fn, xs, self.sigmas, txt_d, tmask_d, k, img_pos=pos_d, img_mask=mask_d,
                                              noise_level=float(cfg.grpo.noise_level), guidance=g))
         if nft:
             x0, traj = np.concatenate([np.asarray(o) for o in outs]), None
@@ -308,7 +309,6 @@ class RolloutSource:
             traj = {k: np.concatenate([np.asarray(o[k]) for o in outs], axis=1 if k != "x0" else 0)
                     for k in ("x0", "x", "x_next", "log_prob")}
             x0 = traj["x0"]
-        txt, mask = self.txt[rows], self.mask[rows]
         images = self.decode(x0, per_row)
         t1 = time.time()
         scores = self._judge(images, [self.records[i] for i in rows], step)

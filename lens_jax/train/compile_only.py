@@ -143,23 +143,9 @@ def run(config, workdir: Optional[str] = None, log=print) -> Dict[str, Any]:
     rl = None
     if config.phase == "rl":
         rl = _rl_plan(config, model, mesh, dp, s_txt, feat, dtype, sds, bsh)
-        shapes, batches = rl["shapes"], [rl["batch"]]
-        online = False
-    batches = [] if rl is None else batches
-    for sh in ([] if rl is not None else shapes):
-        b, n = sh["global_batch"], sh["tokens"]
-        if online:
-            pix = jnp.uint8 if config.data.get("pixel_dtype", "float32") == "uint8" else jnp.float32
-            mb = dict(pixels=sds((b, sh["height"], sh["width"], 3), pix, bsh(4)),
-                      input_ids=sds((b, s_txt + _offset(config)), jnp.int32, bsh(2)),
-                      attention_mask=sds((b, s_txt + _offset(config)), jnp.bool_, bsh(2)))
-        else:
-            mb = dict(img=sds((b, n, cfg.in_channels), jnp.float32, bsh(3)),
-                      img_pos=sds((b, n, 3), jnp.int32, bsh(3)),
-                      txt=sds((b, s_txt, feat), dtype, bsh(3)), txt_mask=sds((b, s_txt), jnp.bool_, bsh(2)))
-            if sh["padded"]:
-                mb["img_mask"] = sds((b, n), jnp.bool_, bsh(2))
-        batches.append(mb)
+        shapes, batches, online = rl["shapes"], [rl["batch"]], False
+    else:
+        batches = [_pretrain_batch(config, cfg, sh, s_txt, feat, dtype, online, sds, bsh) for sh in shapes]
     batch_arg = batches[0] if len(batches) == 1 else tuple(batches)
     if len(batches) > 1 and k_accum > 1:
         raise ValueError("grad_accum_steps > 1 with several base areas: the areas are already micro-batches")
@@ -232,12 +218,29 @@ def run(config, workdir: Optional[str] = None, log=print) -> Dict[str, Any]:
     return report
 
 
+def _pretrain_batch(config, cfg, sh, s_txt, feat, dtype, online, sds, bsh) -> Dict[str, Any]:
+    """The abstract pretraining micro-batch of one base area (`micro_batch_shapes` entry `sh`)."""
+    import jax.numpy as jnp
+    b, n = sh["global_batch"], sh["tokens"]
+    if online:
+        pix = jnp.uint8 if config.data.get("pixel_dtype", "float32") == "uint8" else jnp.float32
+        return dict(pixels=sds((b, sh["height"], sh["width"], 3), pix, bsh(4)),
+                    input_ids=sds((b, s_txt + _offset(config)), jnp.int32, bsh(2)),
+                    attention_mask=sds((b, s_txt + _offset(config)), jnp.bool_, bsh(2)))
+    mb = dict(img=sds((b, n, cfg.in_channels), jnp.float32, bsh(3)), img_pos=sds((b, n, 3), jnp.int32, bsh(3)),
+              txt=sds((b, s_txt, feat), dtype, bsh(3)), txt_mask=sds((b, s_txt), jnp.bool_, bsh(2)))
+    if sh["padded"]:
+        mb["img_mask"] = sds((b, n), jnp.bool_, bsh(2))
+    return mb
+
+
 def _rl_plan(config, model, mesh, dp, s_txt, feat, dtype, sds, bsh) -> Dict[str, Any]:
     """The RL train state (posttrain.rollouts.rl_state: adapters on the frozen base, the old policy as their EMA)
     and one step's abstract batch: prompts_per_step x images_per_prompt rollouts, padded to the rollout
     buckets' largest token count with an image mask when there are several."""
     import jax.numpy as jnp
     from lens_jax import build
+    from lens_jax.phases.rl import _without_lora
     from lens_jax.posttrain.rollouts import rl_state, rollout_buckets
     r = config.rl
     nft = r.algorithm == "nft"
@@ -338,14 +341,6 @@ def _rl_rollout_report(config, model, mesh, abstract, rl, s_txt, feat, dtype, sd
                 memory_analysis={k: v / GIB for k, v in ma.items()}, state_resident_gib=resident / GIB,
                 peak_gib=peak / GIB, fits_80gb=bool(peak <= GPU_BYTES), train_total_gib=train_total / GIB,
                 tflop_per_device=fwd / 1e12, compile_s=round(time.time() - t0, 1))
-
-
-def _without_lora(config):
-    import copy
-    c = copy.deepcopy(config)
-    if c.get("lora") is not None:
-        c.lora.rank = 0
-    return c
 
 
 def _offset(config) -> int:
