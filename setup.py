@@ -24,6 +24,7 @@ setup(
         "tensorboardX>=2.6",
         # Progress bars of training, encoding and evaluation.
         "tqdm>=4.66",
+        "matplotlib>=3.8",  # plots saved by the prompt search (lens_jax/reasoner/search.py)
         # Official checkpoints are safetensors files (read through safe_open).
         "safetensors>=0.5",
         # Prompt tokenisation from local tokenizer files (never a hub download).

@@ -105,6 +105,7 @@ def get_config(arg=None):
     c.sample = base.sample_config(num_steps=20, guidance=5.0)
     c.sample.height = c.sample.width = 512
     c.sample.prompts = "a photo of a cat;a red bicycle leaning against a blue wall"
+    c.reasoner = base.reasoner_config()
     c.eval = ml_collections.ConfigDict(dict(
         enabled=False,              # synthetic GenEval at the end (shapes world only)
         metadata_file="",           # GenEval evaluation_metadata.jsonl of prompts; '' = built-in ShapesEval sets
@@ -117,6 +118,7 @@ def get_config(arg=None):
         seed=1234,
         batch_size=64,
         integrity=True,             # an image also has to be clean (no spurious blobs / clutter) to count
+        with_and_without_reasoner=True,  # with config.reasoner on: also evaluate the raw prompts, side by side
     ))
 
     if variant == "stage2":

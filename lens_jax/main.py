@@ -34,6 +34,7 @@ PHASES = {
     "rl": "lens_jax.phases.rl",
     "sample": "lens_jax.phases.sample",
     "eval": "lens_jax.phases.evaluate",
+    "prompt_search": "lens_jax.phases.prompt_search",
 }
 
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment file[:variant].", lock_config=True)

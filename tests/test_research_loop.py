@@ -132,6 +132,70 @@ def test_eval_of_a_hand_written_geneval_file_writes_the_folder_and_the_tool_scor
         lens_main.run(c, str(tmp_path / "bad"))
 
 
+def test_eval_and_sample_with_the_rule_reasoner_side_by_side(trained_workdir, tmp_path):
+    """--config.reasoner.backend=rules: eval renders the same prompts raw (eval/) and rewritten (eval_reasoner/),
+    saves the rewrites next to the images and compares the two; sample records the rewrite in PNG and settings."""
+    workdir, _ = trained_workdir
+    c = micro_config("eval")
+    c.eval.checkpoint = workdir
+    c.reasoner.backend = "rules"
+    out = str(tmp_path / "ev")
+    ev = lens_main.run(c, out)
+    plain = json.load(open(os.path.join(out, "eval", "synthetic_geneval.json")))
+    assert ev["without_reasoner"]["overall"] == plain["overall"] and plain["settings"]["reasoner"] is None
+    assert ev["settings"]["reasoner"]["backend"] == "rules" and ev["settings"]["reasoner"]["stats"]["rewritten"] == 6
+    rewrites = [json.loads(l) for l in open(os.path.join(out, "eval_reasoner", "rewrites.jsonl"))]
+    assert [r["status"] for r in rewrites] == ["rewritten"] * 6
+    first = open(os.path.join(out, "eval_reasoner", "geneval", "00000", "rewritten_prompt.txt")).read().strip()
+    assert first == rewrites[0]["rewrite"] and first.startswith("The image shows")
+    meta = json.loads(open(os.path.join(out, "eval_reasoner", "geneval", "00000", "metadata.jsonl")).read())
+    assert meta["prompt"] == rewrites[0]["prompt"]                      # scored against the user's prompt
+    comp = json.load(open(os.path.join(out, "eval_reasoner", "reasoner_comparison.json")))
+    assert "| overall |" in comp["table"] and comp["with_reasoner"]["overall"] == ev["overall"]
+
+    s = micro_config("sample")
+    s.sample.checkpoint = workdir
+    s.reasoner.backend = "rules"
+    s.sample.prompts = "a photo of two blue squares;une photo d'un cercle"
+    settings = lens_main.run(s, str(tmp_path / "sa"))
+    imgs = settings["images"]
+    assert imgs[0]["rewrite_status"] == "rewritten" and "blue square" in imgs[0]["rewritten_prompt"]
+    assert imgs[1]["rewrite_status"] == "fallback_failed" and imgs[1]["rewritten_prompt"] == imgs[1]["prompt"]
+    from PIL import Image
+    assert Image.open(os.path.join(str(tmp_path / "sa"), "samples", "0000.png")).text["rewritten_prompt"] == \
+        imgs[0]["rewritten_prompt"]
+
+    s.reasoner.system_prompt_file = str(tmp_path / "missing.txt")
+    with pytest.raises(ConfigError, match="system_prompt_file.*does not exist"):
+        lens_main.run(s, str(tmp_path / "sb"))
+
+
+def test_prompt_search_phase_writes_the_search_and_its_winner_evaluates_held_out(trained_workdir, tmp_path):
+    workdir, _ = trained_workdir
+    c = load_experiment("prompt_search", "tiny")
+    c.search.checkpoint = workdir
+    c.search.rounds, c.search.children, c.search.beam = 1, 1, 1
+    c.search.dev_pool_per_task, c.search.dev_size, c.search.samples_per_prompt = 1, 4, 1
+    c.search.heldout_per_task, c.search.heldout_samples_per_prompt = 1, 1
+    c.eval.num_steps = 2
+    out = str(tmp_path / "search")
+    report = lens_main.run(c, out)
+    assert report["candidates"] == 3 and set(report["heldout"]) >= {"no rewriter", "seed: default"}
+    best = os.path.join(out, "search", "best_system_prompt.txt")
+    assert os.path.exists(os.path.join(out, "search", "score_by_round.png"))
+    ev = micro_config("eval")
+    ev.eval.checkpoint = workdir
+    ev.eval.prompts_per_task = 4
+    ev.reasoner.backend = "rules"
+    ev.reasoner.system_prompt_file = best
+    ev.eval.with_and_without_reasoner = False
+    res = lens_main.run(ev, str(tmp_path / "ev"))
+    dev = set(json.load(open(os.path.join(out, "search", "best_system_prompt.dev.json")))["dev_prompts"])
+    assert "development set removed" in res["settings"]["prompts"]
+    assert not {p["prompt"] for p in res["per_prompt"]} & dev
+    assert not os.path.exists(os.path.join(str(tmp_path / "ev"), "eval"))    # only the rewritten run was asked for
+
+
 def test_sample_phase_rejects_bad_prompts_and_sizes(tmp_path):
     from lens_jax.phases import sample
     c = micro_config("sample")

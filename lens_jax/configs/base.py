@@ -168,6 +168,30 @@ def sample_config(num_steps: int = 20, guidance: float = 5.0) -> ml_collections.
     ))
 
 
+def reasoner_config() -> ml_collections.ConfigDict:
+    """The prompt rewriter in front of the DiT (LENS_SPEC §9; lens_jax/reasoner/). backend 'none' = off."""
+    return ml_collections.ConfigDict(dict(
+        backend="none",             # none | rules (shapes world) | api (OpenAI-compatible chat) | local (GPT-OSS)
+        system_prompt="",           # the rewriter's system prompt, or a built-in name: general | geneval (api,
+                                    # local; '' = geneval) | rules ('' = the default directives)
+        system_prompt_file="",      # a file holding the system prompt (wins over system_prompt); a search's
+                                    # best_system_prompt.txt carries its dev prompts in a sibling .dev.json
+        fit_token_cap=True,         # cut a rewrite (at a word) so the templated prompt fits the encoder's cap
+        api=ml_collections.ConfigDict(dict(
+            base_url="https://api.openai.com/v1", model="gpt-4.1", api_key_env="OPENAI_API_KEY",
+            timeout_s=60.0, max_retries=5, backoff_s=1.0, concurrency=16,
+            temperature=-1.0,       # < 0 = the server's default
+            max_tokens=0,           # 0 = the server's default
+            cache_dir="",           # '' = WORKDIR/reasoner_cache
+        )),
+        local=ml_collections.ConfigDict(dict(
+            checkpoint="",          # a GPT-OSS directory with lm_head/; '' = config.text_encoder.checkpoint
+                                    # (then the encoder's weights are reused, loaded once)
+            temperature=0.7, top_p=1.0, max_new_tokens=1024, seed=0, reasoning_effort="low", batch_size=8,
+        )),
+    ))
+
+
 def validate_common(config: ml_collections.ConfigDict) -> None:
     """Checks names and ranges shared by the DiT phases; raises ConfigError naming the option."""
     m = config.model

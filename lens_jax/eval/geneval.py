@@ -37,6 +37,9 @@ GENEVAL_KEYS = ("tag", "include", "exclude", "prompt")
 RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "synthetic_geneval.json"
 FOLDER = "geneval"
+REWRITE_FILE = "rewritten_prompt.txt"
+REWRITES_FILE = "rewrites.jsonl"
+COMPARISON_FILE = "reasoner_comparison.json"
 
 
 class MetadataError(ConfigError):
@@ -132,10 +135,12 @@ def write_metadata(path: str, prompts: Sequence[Dict[str, Any]]) -> None:
 # Folders
 
 def write_folder(outdir: str, prompts: Sequence[Dict[str, Any]], images_per_prompt: Sequence[Sequence[np.ndarray]],
-                 seeds: Optional[Sequence[Sequence[int]]] = None) -> str:
+                 seeds: Optional[Sequence[Sequence[int]]] = None, rewrites: Optional[Sequence[str]] = None) -> str:
     """Writes GenEval's layout (module docstring) into `outdir`, replacing an earlier folder there (a stale
     prompt folder of a larger earlier run would otherwise be scored with this one). PNGs carry the prompt
-    (and seed index) in their text chunks."""
+    (and seed index) in their text chunks. `rewrites`: the reasoner's prompt per prompt, which the images were
+    rendered from, saved as OUT/<index>/rewritten_prompt.txt and in the PNGs (the metadata keeps the user's
+    prompt, which the images are scored against)."""
     from PIL import Image, PngImagePlugin
     if len(prompts) != len(images_per_prompt):
         raise ValueError(f"{len(images_per_prompt)} image lists for {len(prompts)} prompts")
@@ -146,9 +151,14 @@ def write_folder(outdir: str, prompts: Sequence[Dict[str, Any]], images_per_prom
         os.makedirs(os.path.join(d, "samples"))
         with open(os.path.join(d, "metadata.jsonl"), "w", encoding="utf-8") as f:
             f.write(json.dumps(geneval_line(p)) + "\n")
+        if rewrites is not None:
+            with open(os.path.join(d, REWRITE_FILE), "w", encoding="utf-8") as f:
+                f.write(rewrites[i] + "\n")
         for k, img in enumerate(imgs):
             info = PngImagePlugin.PngInfo()
             info.add_text("prompt", p["prompt"])
+            if rewrites is not None:
+                info.add_text("rewritten_prompt", rewrites[i])
             if seeds is not None:
                 info.add_text("seed", str(seeds[i][k]))
             Image.fromarray(shapes_eval.to_uint8(img)).save(os.path.join(d, "samples", f"{k:05d}.png"), pnginfo=info)
@@ -249,21 +259,36 @@ def _details(dets: Sequence[dict]) -> Dict[str, List[List[float]]]:
 # ----------------------------------------------------------------------------------------------------
 # Evaluation of a pipeline (the eval phase and the end of training)
 
-def evaluation_prompts(config, world) -> Tuple[List[Dict[str, Any]], str]:
-    """(prompts, where they came from): config.eval.metadata_file, or the built-in ShapesEval sets."""
+def evaluation_prompts(config, world, exclude: Sequence[str] = ()) -> Tuple[List[Dict[str, Any]], str]:
+    """(prompts, where they came from): config.eval.metadata_file, or the built-in ShapesEval sets; prompts whose
+    text is in `exclude` (a prompt search's development set) are removed."""
     e = config.eval
     if e.get("metadata_file", ""):
         scorer = e.get("scorer", "shapes")
-        return read_metadata(e.metadata_file, world if scorer == "shapes" else None), e.metadata_file
-    return (shapes_eval.make_eval_prompts(world, seed=e.seed, per_task=e.prompts_per_task or None),
-            f"built-in ShapesEval prompts (seed {e.seed}, {e.prompts_per_task or 'GenEval sizes'} per task)")
+        prompts, origin = read_metadata(e.metadata_file, world if scorer == "shapes" else None), e.metadata_file
+    else:
+        prompts = shapes_eval.make_eval_prompts(world, seed=e.seed, per_task=e.prompts_per_task or None)
+        origin = f"built-in ShapesEval prompts (seed {e.seed}, {e.prompts_per_task or 'GenEval sizes'} per task)"
+    if exclude:
+        held = set(exclude)
+        kept = [p for p in prompts if p["prompt"] not in held]
+        origin += f", {len(prompts) - len(kept)} prompts of the search's development set removed"
+        if not kept:
+            raise ConfigError(f"every evaluation prompt is in the prompt search's development set ({origin})")
+        prompts = kept
+    return prompts, origin
 
 
-def evaluate_pipeline(pipeline, config, outdir: str, source: str = "", log=print) -> Optional[Dict[str, Any]]:
+def evaluate_pipeline(pipeline, config, outdir: str, source: str = "", log=print, rewriter=None,
+                      exclude_prompts: Sequence[str] = ()) -> Optional[Dict[str, Any]]:
     """Renders config.eval.samples_per_prompt images per evaluation prompt into OUTDIR/geneval (GenEval's
     layout), scores them with ShapesEval (config.eval.scorer='shapes'; 'none' only writes the folder, e.g. for
     GenEval's own scorer) and writes OUTDIR/synthetic_geneval.json, OUTDIR/results.jsonl, OUTDIR/samples.png and
-    OUTDIR/prompts.txt (the grid's row prompts). Returns the summary (None without scoring)."""
+    OUTDIR/prompts.txt (the grid's row prompts). Returns the summary (None without scoring).
+
+    rewriter: a lens_jax.reasoner Rewriter; the images are rendered from its rewrites of the prompts (scored
+    against the original metadata), which are saved in OUTDIR/rewrites.jsonl and next to the images.
+    exclude_prompts: prompt texts left out of the evaluation set (a prompt search's development set)."""
     from lens_jax.data.synthetic import world_config
     e = config.eval
     scorer = e.get("scorer", "shapes")
@@ -271,9 +296,17 @@ def evaluate_pipeline(pipeline, config, outdir: str, source: str = "", log=print
         raise ConfigError(f"config.eval.scorer={scorer!r}; choose 'shapes' (ShapesEval) or 'none' (folder only)")
     os.makedirs(outdir, exist_ok=True)
     world = world_config(config.data.world, image_size=config.data.image_size, seed=config.seed)
-    prompts, origin = evaluation_prompts(config, world)
+    prompts, origin = evaluation_prompts(config, world, exclude_prompts)
     k = int(e.samples_per_prompt)
-    texts = [p["prompt"] for p in prompts for _ in range(k)]
+    rewrites = None
+    if rewriter is not None:
+        records = rewriter.rewrite_records([p["prompt"] for p in prompts])
+        rewrites = [r.rewrite for r in records]
+        with open(os.path.join(outdir, REWRITES_FILE), "w", encoding="utf-8") as f:
+            for i, r in enumerate(records):
+                f.write(json.dumps(dict(index=i, **r.to_dict()), ensure_ascii=False) + "\n")
+        log(rewriter.summary())
+    texts = [t for t in (rewrites or [p["prompt"] for p in prompts]) for _ in range(k)]
     t0 = time.time()
     bar = _bar(len(texts), "eval: rendering")
 
@@ -286,7 +319,7 @@ def evaluate_pipeline(pipeline, config, outdir: str, source: str = "", log=print
     bar(None)
     per_prompt = [list(images[i * k:(i + 1) * k]) for i in range(len(prompts))]
     folder = write_folder(os.path.join(outdir, FOLDER), prompts, per_prompt,
-                          seeds=[[i * k + j for j in range(k)] for i in range(len(prompts))])
+                          seeds=[[i * k + j for j in range(k)] for i in range(len(prompts))], rewrites=rewrites)
     rows = list(range(0, len(prompts), max(1, len(prompts) // 24)))[:24]
     shapes_eval.save_grid([im for r in rows for im in per_prompt[r]], os.path.join(outdir, "samples.png"), ncol=k,
                           scale=max(1, 128 // size))
@@ -302,7 +335,9 @@ def evaluate_pipeline(pipeline, config, outdir: str, source: str = "", log=print
     bar(None)
     summary["settings"] = dict(num_steps=e.num_steps, guidance=e.guidance, mu=e.mu, samples_per_prompt=k, seed=e.seed,
                                image_size=size, caption=config.data.caption, model=config.model.preset,
-                               integrity_gate=bool(e.integrity), prompts=origin, weights=source, folder=folder)
+                               integrity_gate=bool(e.integrity), prompts=origin, weights=source, folder=folder,
+                               reasoner=None if rewriter is None else dict(rewriter.describe(),
+                                                                           stats=rewriter.stats.as_dict()))
     summary["per_prompt"] = [dict(prompt=p["prompt"], tag=p["tag"], unseen=bool(p.get("unseen", False)), accuracy=a)
                              for p, a in zip(prompts, summary["per_prompt"])]
     with open(os.path.join(outdir, SUMMARY_FILE), "w") as f:
@@ -310,6 +345,48 @@ def evaluate_pipeline(pipeline, config, outdir: str, source: str = "", log=print
     first, second = format_summary(summary).split("\n")
     log(f"{first} in {time.time() - t0:.0f}s -> {outdir}\n{second}")
     return summary
+
+
+def evaluate_with_reasoner(pipeline, config, workdir: str, rewriter, source: str = "", log=print,
+                           exclude_prompts: Sequence[str] = ()) -> Optional[Dict[str, Any]]:
+    """The evaluation of a run: WORKDIR/eval without a reasoner, and with `rewriter` (not None) WORKDIR/eval_reasoner
+    too (config.eval.with_and_without_reasoner; else only the rewritten one), on the same prompts, seeds and
+    weights, with WORKDIR/eval_reasoner/reasoner_comparison.json and a side-by-side table in the log. Returns the
+    reasoner's summary when there is one (with 'without_reasoner' attached), else the plain summary."""
+    if rewriter is None:
+        return evaluate_pipeline(pipeline, config, os.path.join(workdir, "eval"), source=source, log=log,
+                                 exclude_prompts=exclude_prompts)
+    plain = None
+    if config.eval.get("with_and_without_reasoner", True):
+        plain = evaluate_pipeline(pipeline, config, os.path.join(workdir, "eval"), source=source,
+                                  log=lambda m: log("without reasoner: " + m), exclude_prompts=exclude_prompts)
+    with_r = evaluate_pipeline(pipeline, config, os.path.join(workdir, "eval_reasoner"), source=source,
+                               log=lambda m: log("with reasoner: " + m), rewriter=rewriter,
+                               exclude_prompts=exclude_prompts)
+    if with_r is None or plain is None:
+        return with_r or plain
+    table = comparison_table(plain, with_r)
+    with open(os.path.join(workdir, "eval_reasoner", COMPARISON_FILE), "w") as f:
+        json.dump(dict(without=_headline(plain), with_reasoner=_headline(with_r),
+                       reasoner=with_r["settings"]["reasoner"], table=table), f, indent=2)
+    log(table)
+    with_r["without_reasoner"] = _headline(plain)
+    return with_r
+
+
+def _headline(s: Dict[str, Any]) -> Dict[str, Any]:
+    return dict(overall=s["overall"], tasks=s["tasks"], integrity=s["integrity"], unseen=s["unseen"],
+                overall_rules_only=s["overall_rules_only"])
+
+
+def comparison_table(plain: Dict[str, Any], with_r: Dict[str, Any]) -> str:
+    """A Markdown table: overall, per task and integrity without and with the reasoner."""
+    rows = [("overall", plain["overall"], with_r["overall"])]
+    rows += [(t, plain["tasks"].get(t, math.nan), with_r["tasks"].get(t, math.nan)) for t in with_r["tasks"]]
+    rows += [("integrity", plain["integrity"], with_r["integrity"])]
+    lines = ["| synthetic GenEval | without reasoner | with reasoner | change |", "|---|---|---|---|"]
+    lines += [f"| {name} | {a:.3f} | {b:.3f} | {b - a:+.3f} |" for name, a, b in rows]
+    return "\n".join(lines)
 
 
 def format_summary(s: Dict[str, Any]) -> str:

@@ -13,7 +13,9 @@ config.eval.metadata_file (GenEval's format) or the built-in ShapesEval sets. Wr
   results.jsonl            GenEval's per-image results (summary_scores.py reads it)
   synthetic_geneval.json   overall, per-task, seen/unseen scores, diagnostics, settings
   samples.png, prompts.txt a grid of the first samples (one row per prompt) and the row prompts
-(lens_jax/eval/geneval.py).
+(lens_jax/eval/geneval.py). With a reasoner (--config.reasoner.backend=rules|api|local) the same prompts are also
+rendered from its rewrites into DIR/eval_reasoner/ (rewrites.jsonl, geneval/<index>/rewritten_prompt.txt,
+reasoner_comparison.json: the two side by side); a searched system prompt's development prompts are left out of both.
 """
 from __future__ import annotations
 
@@ -23,11 +25,15 @@ from lens_jax import build
 
 
 def run(config, workdir: str):
-    from lens_jax.eval.geneval import evaluate_pipeline
+    from lens_jax import reasoner
+    from lens_jax.eval.geneval import evaluate_with_reasoner
+    reasoner.validate(config)
     enc = build.load_encoders(config)
     model = build.build_dit(config, enc)
     source = config.eval.get("checkpoint", "") or workdir
     params, what = build.restore_dit(config, model, source, params=config.eval.get("params", ""))
     print(f"evaluating {what}", flush=True)
     pipeline = build.build_pipeline(model, params, enc)
-    return evaluate_pipeline(pipeline, config, os.path.join(workdir, "eval"), source=what)
+    rewriter = reasoner.build_rewriter(config, enc, workdir)
+    return evaluate_with_reasoner(pipeline, config, workdir, rewriter, source=what,
+                                  exclude_prompts=reasoner.dev_prompts(config))

@@ -35,7 +35,7 @@ import time
 
 import jax
 
-from lens_jax import build
+from lens_jax import build, reasoner
 from lens_jax.configs.base import ConfigError, validate_common, validate_trainer
 from lens_jax.diffusion.flow_matching import flow_matching_objective
 from lens_jax.models.mmdit import dummy_inputs
@@ -220,6 +220,8 @@ def run(config, workdir: str):
             f.write(config.to_json_best_effort(indent=2))
 
     enc = build.load_encoders(config)
+    # Built before training, so a bad reasoner setting (missing system-prompt file, unreachable endpoint) fails now.
+    rewriter = reasoner.build_rewriter(config, enc, workdir) if config.eval.enabled and primary else None
     model = build.build_dit(config, enc)
     mesh = sharding_lib.mesh_from_config(config)
     shards = config.data.source == "shards"
@@ -335,9 +337,9 @@ def run(config, workdir: str):
     if config.eval.enabled:
         # ShapesEval needs only the pipeline (prompts come from the world or a metadata file), so it also runs
         # after training on shapes-world shards.
-        from lens_jax.eval.geneval import evaluate_pipeline
+        from lens_jax.eval.geneval import evaluate_with_reasoner
         pipeline.params = final_params
-        summary = evaluate_pipeline(pipeline, config, os.path.join(workdir, "eval"),
-                                    source=f"{eval_net} of step {step}")
+        summary = evaluate_with_reasoner(pipeline, config, workdir, rewriter, source=f"{eval_net} of step {step}",
+                                         exclude_prompts=reasoner.dev_prompts(config))
     say(f"total {time.time() - t_start:.0f}s")
     return summary

@@ -35,6 +35,7 @@ __all__ = [
     "render_prompt",
     "render_prefix",
     "render_suffix",
+    "render_generation_prompt",
 ]
 
 # System prompt placed in the developer turn ("# Instructions").
@@ -85,15 +86,20 @@ def validate_date(date: str | _dt.date) -> str:
     return date
 
 
-def _system_segment(date: str) -> str:
+REASONING_EFFORTS = ("low", "medium", "high")
+
+
+def _system_segment(date: str, reasoning: str = "medium") -> str:
     """Segment 1: the Harmony system message with the knowledge cutoff, date and reasoning effort."""
+    if reasoning not in REASONING_EFFORTS:
+        raise ValueError(f"reasoning effort {reasoning!r}; choose one of {REASONING_EFFORTS}")
     return (
         "<|start|>system<|message|>"
         "You are ChatGPT, a large language model trained by OpenAI.\n"
         "Knowledge cutoff: 2024-06\n"
         f"Current date: {date}\n"
         "\n"
-        "Reasoning: medium\n"
+        f"Reasoning: {reasoning}\n"
         "\n"
         "# Valid channels: analysis, commentary, final. Channel must be included for every message."
         "<|end|>"
@@ -150,3 +156,14 @@ def render_prompt(
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str; got {type(prompt).__name__}")
     return render_prefix(date, system) + prompt + render_suffix(thinking)
+
+
+def render_generation_prompt(prompt: str, system: str, date: str | _dt.date = DEFAULT_DATE,
+                             reasoning_effort: str = "low") -> str:
+    """A generation conversation for GPT-OSS run as a chat model (the reasoner, LENS_SPEC §9.1): the system
+    message with `reasoning_effort`, `system` as developer instructions, the user turn, then the generation prompt
+    ``<|start|>assistant``. The model continues with its analysis channel and a ``final`` channel answer."""
+    if not isinstance(prompt, str) or not isinstance(system, str):
+        raise TypeError("prompt and system must be str")
+    return (_system_segment(validate_date(date), reasoning_effort) + _developer_segment(system)
+            + _USER_HEAD + prompt + "<|end|><|start|>assistant")

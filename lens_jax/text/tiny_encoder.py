@@ -95,4 +95,6 @@ def load_text_encoder(
         """Prompts -> TextFeatures(features float32 [B, L, F], mask bool [B, L])."""
         return encode_prompts(encoder_fn, tokenizer, list(prompts), pcfg, trim_to=trim_to)
 
+    encode_fn.params = params["params"]     # the loaded weights, for a reasoner that reuses them (loaded once)
+
     return encode_fn, tokenizer, pcfg, gcfg
