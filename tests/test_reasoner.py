@@ -369,3 +369,40 @@ def test_llm_proposer_step_against_a_loopback_server(fake_openai, tmp_path):
     assert "Score on the development prompts: 0.400" in user and "circle left of a square" in user
     assert "Use key: value lines." in user and rules.DEFAULT_DIRECTIVES.to_text().strip() in user
     chat.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The local GPT-OSS backend
+
+
+def test_local_backend_reuses_the_encoder_weights_and_parses_the_final_channel(tmp_path):
+    """backend=local with the shipped tiny LM: one copy of the weights (the encoder's arrays), Harmony generation
+    prompt with reasoning_effort=low, a reply without a final channel counted, a final-channel reply parsed."""
+    from lens_jax import build, reasoner
+    from lens_jax.reasoner.local import LocalRewriter
+    c = load_experiment("eval", "tiny")
+    c.reasoner.backend = "local"
+    c.reasoner.local.max_new_tokens = 6
+    c.reasoner.local.temperature = 0.0
+    enc = build.load_encoders(c)
+    rw = reasoner.build_rewriter(c, enc, str(tmp_path))
+    assert isinstance(rw, LocalRewriter)
+    shared = enc.encode_text.params
+    assert rw.params["embedding"] is shared["embedding"] and rw.params["layers_0"] is shared["layers_0"]
+    text = rw.render("a red circle")
+    assert "Reasoning: low" in text and text.endswith("<|start|>assistant")
+    assert "Keep your reasoning private" in text
+    out = rw.rewrite(["a red circle", ""])
+    assert len(out) == 2 and out[1] == "" and rw.stats["prompts"] == 2
+    assert rw.stats["rewritten"] + rw.stats["fallback_empty"] + rw.stats["fallback_language"] == 1
+    # The parse of a Harmony completion: analysis then final -> the final text; analysis only -> fallback.
+    tok = enc.tokenizer
+    done = "<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>final<|message|>a big red circle"
+    ids = tok(done, add_special_tokens=False)["input_ids"]
+
+    class Fixed(LocalRewriter):
+        def _rewrite_batch(self, prompts):
+            return [(tok.decode(ids, skip_special_tokens=False), None), ("<|channel|>analysis<|message|>hmm", None)]
+
+    f = Fixed(rw.params, rw.config, tok, "SYSTEM")
+    assert f.rewrite(["a", "b"]) == ["a big red circle", "b"] and f.stats["fallback_empty"] == 1

@@ -1,4 +1,4 @@
-"""HuggingFace GPT-OSS safetensors -> `GptOssEncoder` variables ({'params': ...}), MXFP4 or plain.
+"""HuggingFace GPT-OSS safetensors -> `GptOssEncoder` (or, with full=True, `GptOssLM`) variables, MXFP4 or plain.
 
 Source names and layouts (transformers `GptOssForCausalLM`; the MXFP4 names come from its MXFP4 integration):
 
@@ -16,11 +16,14 @@ Source names and layouts (transformers `GptOssForCausalLM`; the MXFP4 names come
   model.layers.N.mlp.experts.down_proj                   [E, I, H]        (plain)
   model.layers.N.mlp.experts.down_proj_blocks            [E, H, I/32, 16] (MXFP4) + _scales [E, H, I/32]
   model.layers.N.mlp.experts.down_proj_bias              [E, H]
-  model.norm.weight                                      [H]              (not used by the encoder)
-  lm_head.weight                                         [V, H]           (not used by the encoder)
+  model.norm.weight                                      [H]              (full=True only)
+  lm_head.weight                                         [V, H]           (full=True only)
 
-Only the embedding and layers 0..max(selected_layers) are converted; later layers, `model.norm` and `lm_head` may
-be present and are ignored. Tensors are read one at a time, so the encoder never holds two full copies.
+Default (encoder): only the embedding and layers 0..max(selected_layers) are converted; later layers, `model.norm`
+and `lm_head` may be present and are ignored. full=True (causal LM): every layer plus
+`model.norm.weight` -> `final_norm/scale` [H] and `lm_head.weight` -> `lm_head/kernel` [H, V] (transposed), i.e.
+the `GptOssLM` parameter tree; all of these must be present. Tensors are read one at a time, so the result never
+holds two full copies.
 """
 from __future__ import annotations
 
@@ -114,26 +117,29 @@ def ignored_prefixes(config: GptOssConfig, found_names) -> Tuple[str, ...]:
 
 
 def convert_gpt_oss(reader: Mapping[str, Any], config: GptOssConfig, dtype=ml_dtypes.bfloat16,
-                    check_target: bool = True) -> Dict[str, Any]:
-    """Converts an HF GPT-OSS checkpoint into `GptOssEncoder` variables.
+                    check_target: bool = True, full: bool = False) -> Dict[str, Any]:
+    """Converts an HF GPT-OSS checkpoint into `GptOssEncoder` variables (or `GptOssLM` ones with full=True).
 
     Args:
       reader: name -> array mapping (e.g. `SafetensorsReader`, or a plain dict of NumPy arrays). A `.shape(name)`
         method is used for validation if present, so nothing is loaded before the keys check out.
       config: the encoder configuration (decides which layers are converted).
       dtype: parameter dtype of the result (NumPy / ml_dtypes), default bfloat16.
-      check_target: also verify the result against `jax.eval_shape(GptOssEncoder(config).init, ...)`.
+      check_target: also verify the result against `jax.eval_shape(GptOssEncoder(config).init, ...)` (full=True:
+        `GptOssLM(config).init`).
+      full: convert the whole causal LM: all `config.num_layers` layers, the final norm and the LM head.
     Returns:
-      {'params': nested dict of NumPy arrays}, the unboxed structure of `GptOssEncoder.init`.
+      {'params': nested dict of NumPy arrays}, the unboxed structure of `GptOssEncoder.init` (full=True:
+      `GptOssLM.init`, {embedding, layers_0..layers_{L-1}, final_norm, lm_head}).
     Raises:
       CheckpointKeyError listing every missing, unexpected or mis-shaped tensor.
     """
     names = list(reader.keys())
     quantized = is_mxfp4(names)
-    expected = expected_hf_shapes(config, quantized)
+    expected = expected_hf_shapes(config, quantized, full=full)
     found = {k: _shape_of(reader, k) for k in names}
     check_state_dict(expected, found, WHAT + (" (MXFP4)" if quantized else ""),
-                     ignore_unexpected=ignored_prefixes(config, names))
+                     ignore_unexpected=() if full else ignored_prefixes(config, names))
 
     c = config
     h, nh, kv, d = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
@@ -146,7 +152,7 @@ def convert_gpt_oss(reader: Mapping[str, Any], config: GptOssConfig, dtype=ml_dt
         set_path(params, path.split("/"), np.ascontiguousarray(np.asarray(value).astype(dtype, copy=False)))
 
     put("embedding", get("model.embed_tokens.weight"))
-    for n in range(c.num_built_layers):
+    for n in range(c.num_layers if full else c.num_built_layers):
         p, q = f"model.layers.{n}.", f"layers_{n}/"
         put(q + "input_norm/scale", get(p + "input_layernorm.weight"))
         put(q + "post_attention_norm/scale", get(p + "post_attention_layernorm.weight"))
@@ -172,22 +178,28 @@ def convert_gpt_oss(reader: Mapping[str, Any], config: GptOssConfig, dtype=ml_dt
             put(q + f"mlp/experts/{ours}_kernel", w)
             del w
             put(q + f"mlp/experts/{ours}_bias", get(base + "_bias"))
+    if full:
+        put("final_norm/scale", get("model.norm.weight"))
+        put("lm_head/kernel", get("lm_head.weight").T)     # [V, H] -> [H, V]
 
     variables = {"params": params}
     if check_target:
-        check_tree_shapes(abstract_variables(config), variables, WHAT + " converted tree")
+        check_tree_shapes(abstract_variables(config, full=full), variables,
+                          WHAT + (" LM" if full else "") + " converted tree")
     return variables
 
 
-def abstract_variables(config: GptOssConfig) -> Dict[str, Any]:
-    """Unboxed `jax.eval_shape` of `GptOssEncoder(config).init` (shapes only, nothing allocated)."""
+def abstract_variables(config: GptOssConfig, full: bool = False) -> Dict[str, Any]:
+    """Unboxed `jax.eval_shape` of `GptOssEncoder(config).init` (full=True: `GptOssLM(config).init`); shapes only,
+    nothing allocated."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
     from lens_jax.models.gpt_oss import GptOssEncoder
+    from lens_jax.models.gpt_oss_lm import GptOssLM
 
-    model = GptOssEncoder(config)
+    model = GptOssLM(config) if full else GptOssEncoder(config)
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     mask = jax.ShapeDtypeStruct((1, 1), jnp.bool_)
     shapes = jax.eval_shape(model.init, jax.random.key(0), ids, mask)

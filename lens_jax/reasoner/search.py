@@ -421,6 +421,7 @@ def plot_rounds(cands: List[Candidate], path: str) -> None:
         xs.append(r)
         ys.append(best)
     ax.plot(xs, ys, "r-o", label="best so far")
+    ax.set_xticks(range(max(rounds) + 1))
     ax.set_xlabel("round")
     ax.set_ylabel("synthetic GenEval on the development set")
     ax.set_title("system-prompt search")
