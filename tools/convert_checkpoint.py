@@ -32,6 +32,7 @@ from lens_jax.checkpoints.safetensors_io import SafetensorsError, open_checkpoin
 def convert_gpt_oss_full(src, dst, preset=None, dtype="bfloat16", overwrite=False, log=print):
     """The full GPT-OSS causal LM -> <dst>/ (encoder weights, kind 'gpt_oss') + <dst>/lm_head/ (kind
     'gpt_oss_lm_head', {'params': {final_norm, lm_head}}). Returns the encoder meta."""
+    import jax
     import ml_dtypes
     import numpy as np
 
@@ -56,7 +57,7 @@ def convert_gpt_oss_full(src, dst, preset=None, dtype="bfloat16", overwrite=Fals
     out_dtype = DTYPES[dtype] or np.dtype(ml_dtypes.bfloat16)
     params = convert_gpt_oss(reader, cfg, dtype=out_dtype, full=True)["params"]
     enc, head = encoder_params(params, cfg), lm_head_params(params)
-    n = sum(int(np.prod(np.shape(x))) for x in _leaves(params))
+    n = sum(int(np.prod(np.shape(x))) for x in jax.tree_util.tree_leaves(params))
     meta = {"kind": "gpt_oss", "preset": preset, "config": dataclasses.asdict(cfg), "source": os.path.abspath(src),
             "dtype": dtype, "num_source_tensors": len(reader), "num_parameters": n, "lm_head": LM_HEAD_DIR}
     log(f"read {len(reader)} tensors, {n:,} values, in {time.time() - t0:.1f}s; writing {dst} and {head_dst}")
@@ -65,14 +66,6 @@ def convert_gpt_oss_full(src, dst, preset=None, dtype="bfloat16", overwrite=Fals
                           overwrite=overwrite)
     log(f"done in {time.time() - t0:.1f}s")
     return meta
-
-
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    else:
-        yield tree
 
 
 def main(argv=None):
