@@ -132,6 +132,7 @@ def test_eval_of_a_hand_written_geneval_file_writes_the_folder_and_the_tool_scor
         lens_main.run(c, str(tmp_path / "bad"))
 
 
+@pytest.mark.slow
 def test_eval_and_sample_with_the_rule_reasoner_side_by_side(trained_workdir, tmp_path):
     """--config.reasoner.backend=rules: eval renders the same prompts raw (eval/) and rewritten (eval_reasoner/),
     saves the rewrites next to the images and compares the two; sample records the rewrite in PNG and settings."""
@@ -170,6 +171,7 @@ def test_eval_and_sample_with_the_rule_reasoner_side_by_side(trained_workdir, tm
         lens_main.run(s, str(tmp_path / "sb"))
 
 
+@pytest.mark.slow
 def test_prompt_search_phase_writes_the_search_and_its_winner_evaluates_held_out(trained_workdir, tmp_path):
     workdir, _ = trained_workdir
     c = load_experiment("prompt_search", "tiny")
