@@ -175,6 +175,16 @@ TASK_DIRECTIVES = {
 }
 
 
+def _admit(stats: Dict[str, int], seen: set, text: str) -> bool:
+    """Counts a proposal as new (and remembers it) or as a duplicate of a system prompt already tried."""
+    if text in seen:
+        stats["duplicates"] += 1
+        return False
+    seen.add(text)
+    stats["proposed"] += 1
+    return True
+
+
 class MutationProposer:
     """Rule-backend proposals: single-directive changes of the parent, half of them aimed at the directives of
     its weakest task (TASK_DIRECTIVES), the rest at random; never a system prompt already tried."""
@@ -200,11 +210,8 @@ class MutationProposer:
             use_guided = gorder and (len(out) % 2 == 0 or not order)
             desc, new = guided[gorder.pop()] if use_guided else moves[order.pop()]
             text = new.to_text()
-            if text in seen:
-                self.stats["duplicates"] += 1
+            if not _admit(self.stats, seen, text):
                 continue
-            seen.add(text)
-            self.stats["proposed"] += 1
             out.append((f"mutation ({'aimed at ' + weakest if use_guided else 'random'}): {desc}", text))
         return out
 
@@ -263,11 +270,8 @@ class LlmProposer:
                 except (ValueError, ConfigError):
                     self.stats["invalid"] += 1
                     continue
-            if text in seen:
-                self.stats["duplicates"] += 1
+            if not _admit(self.stats, seen, text):
                 continue
-            seen.add(text)
-            self.stats["proposed"] += 1
             out.append((f"llm proposal {k} from candidate {parent.id}", text))
         return out
 
