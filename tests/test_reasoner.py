@@ -406,3 +406,19 @@ def test_local_backend_reuses_the_encoder_weights_and_parses_the_final_channel(t
 
     f = Fixed(rw.params, rw.config, tok, "SYSTEM")
     assert f.rewrite(["a", "b"]) == ["a big red circle", "b"] and f.stats["fallback_empty"] == 1
+
+
+def test_search_candidates_share_one_api_client(fake_openai, tmp_path):
+    """backend=api: open_chat checks the endpoint once; every candidate's rewriter reuses that client."""
+    from lens_jax import build, reasoner
+    from lens_jax.reasoner.api import open_chat
+    c = load_experiment("prompt_search", "api")
+    c.reasoner.api.base_url = fake_openai.url
+    enc = build.load_encoders(c)
+    chat = open_chat(c.reasoner.api, str(tmp_path))
+    fake_openai.default = Reply("A dense prompt.")
+    rws = [reasoner.build_rewriter(c, enc, str(tmp_path), system_prompt=f"S{i}", chat=chat) for i in range(3)]
+    assert all(r.chat is chat for r in rws) and rws[1].rewrite(["x"]) == ["A dense prompt."]
+    assert sum(1 for r in fake_openai.requests if r.path.endswith("/models")) == 1
+    assert chat.cache_path == os.path.join(str(tmp_path), "reasoner_cache", "chat_cache.jsonl")
+    chat.close()

@@ -43,7 +43,8 @@ def seed_prompts(config):
     return out
 
 
-def make_proposer(config, world, workdir: str):
+def make_proposer(config, world, chat):
+    """The proposer of config.search.proposer; `chat`: the open ChatService of config.reasoner.api (or None)."""
     s, r = config.search, config.reasoner
     if s.proposer not in PROPOSERS:
         raise ConfigError(f"config.search.proposer={s.proposer!r}; choose one of {PROPOSERS}")
@@ -52,12 +53,6 @@ def make_proposer(config, world, workdir: str):
             raise ConfigError("config.search.proposer='mutation' mutates rule directives; it needs "
                               "config.reasoner.backend='rules' (use proposer='llm' for text system prompts)")
         return search_lib.MutationProposer(world, seed=s.seed)
-    from lens_jax.posttrain.chat import ChatService
-    from lens_jax.reasoner.api import chat_config
-    cfg = chat_config(r.api)
-    cfg.cache_dir = cfg.cache_dir or os.path.join(workdir, "reasoner_cache")
-    chat = ChatService(cfg)
-    chat.check_reachable()
     validate, hint = None, ""
     if r.backend == "rules":
         from lens_jax.reasoner.rules import DEFAULT_DIRECTIVES, Directives
@@ -74,11 +69,15 @@ def run(config, workdir: str):
         raise ConfigError("the prompt search needs a reasoner: set --config.reasoner.backend=rules|api|local")
     seeds = seed_prompts(config)
     world = world_config(config.data.world, image_size=config.data.image_size, seed=config.seed)
-    proposer = make_proposer(config, world, workdir)
+    chat = None
+    if config.reasoner.backend == "api" or config.search.proposer == "llm":
+        from lens_jax.reasoner.api import open_chat
+        chat = open_chat(config.reasoner.api, workdir)     # one client for every candidate and the proposer
+    proposer = make_proposer(config, world, chat)
     enc = build.load_encoders(config)
     model = build.build_dit(config, enc)
     params, what = build.restore_dit(config, model, config.search.checkpoint or workdir, params=config.search.params)
     print(f"prompt search with the frozen {what}", flush=True)
     pipeline = build.build_pipeline(model, params, enc)
-    make = lambda text: reasoner.build_rewriter(config, enc, workdir, system_prompt=text)  # noqa: E731
+    make = lambda text: reasoner.build_rewriter(config, enc, workdir, system_prompt=text, chat=chat)  # noqa: E731
     return search_lib.run_search(config, pipeline, make, os.path.join(workdir, "search"), proposer, seeds, world)

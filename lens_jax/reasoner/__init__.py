@@ -43,9 +43,11 @@ def validate(config) -> None:
         raise ConfigError(f"config.reasoner.backend={r.backend!r}; choose one of {BACKENDS}")
 
 
-def build_rewriter(config, encoders, workdir: str, system_prompt: Optional[str] = None) -> Optional[Rewriter]:
+def build_rewriter(config, encoders, workdir: str, system_prompt: Optional[str] = None,
+                   chat=None) -> Optional[Rewriter]:
     """The rewriter of config.reasoner (None for backend 'none'); `system_prompt` overrides the configured one
-    (the search builds one rewriter per candidate this way)."""
+    (the search builds one rewriter per candidate this way); `chat`: an open ChatService for backend 'api' to
+    share (one client, cache and reachability check for every candidate)."""
     validate(config)
     r = config.reasoner
     if r.backend == "none":
@@ -59,11 +61,10 @@ def build_rewriter(config, encoders, workdir: str, system_prompt: Optional[str] 
         world = world_config(config.data.world, image_size=config.data.image_size, seed=config.seed)
         return RuleRewriter(system_prompt, shapes=world.shapes, token_budget=budget)
     if r.backend == "api":
-        from lens_jax.reasoner.api import ApiRewriter, chat_config
-        cfg = chat_config(r.api)
-        if not cfg.cache_dir:
-            cfg.cache_dir = os.path.join(workdir, "reasoner_cache")
-        return ApiRewriter(cfg, system_prompt, token_budget=budget)
+        from lens_jax.reasoner.api import ApiRewriter, open_chat
+        if chat is not None:
+            return ApiRewriter(chat, system_prompt, token_budget=budget, check_reachable=False)
+        return ApiRewriter(open_chat(r.api, workdir), system_prompt, token_budget=budget)
     from lens_jax import build
     from lens_jax.models.gpt_oss_decode import load_lm
     from lens_jax.reasoner.local import LocalRewriter

@@ -7,6 +7,7 @@ One request per distinct prompt: messages = [system: the rewriter prompt, user: 
 """
 from __future__ import annotations
 
+import os
 from typing import List
 
 from lens_jax.posttrain.chat import ChatConfig, ChatRequest, ChatService
@@ -23,7 +24,7 @@ class ApiRewriter(Rewriter):
         super().__init__(token_budget)
         self.chat = chat if isinstance(chat, ChatService) else ChatService(chat)
         self.system_prompt = system_prompt
-        if check_reachable:
+        if check_reachable and not isinstance(chat, ChatService):
             self.chat.check_reachable()      # JudgeUnavailableError naming the URL: fail before any work
 
     def describe(self) -> dict:
@@ -50,3 +51,13 @@ def chat_config(api_cfg) -> ChatConfig:
                       backoff_s=float(api_cfg.backoff_s), concurrency=int(api_cfg.concurrency),
                       temperature=None if api_cfg.temperature < 0 else float(api_cfg.temperature),
                       max_tokens=int(api_cfg.max_tokens) or None, cache_dir=api_cfg.cache_dir)
+
+
+def open_chat(api_cfg, workdir: str) -> ChatService:
+    """A reachable ChatService for config.reasoner.api (cache '' = WORKDIR/reasoner_cache); raises
+    JudgeUnavailableError naming the URL otherwise."""
+    cfg = chat_config(api_cfg)
+    cfg.cache_dir = cfg.cache_dir or os.path.join(workdir, "reasoner_cache")
+    chat = ChatService(cfg)
+    chat.check_reachable()
+    return chat

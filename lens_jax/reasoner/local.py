@@ -59,7 +59,5 @@ class LocalRewriter(Rewriter):
             res = generate(self.params, self.config, ids, max_new_tokens=self.max_new_tokens, stop_ids=self.stop_ids,
                            temperature=self.temperature, top_p=self.top_p, seed=self.seed + self._calls,
                            dtype=self.dtype or jnp.float32)
-            for toks, stopped in zip(res.tokens, res.stopped):
-                text = self.tokenizer.decode(toks, skip_special_tokens=False)
-                out.append((text, None))
+            out.extend((self.tokenizer.decode(toks, skip_special_tokens=False), None) for toks in res.tokens)
         return out

@@ -252,13 +252,6 @@ def _rel(a: Item, b: Item) -> Optional[str]:
     return sw._relation_phrase(rel)
 
 
-def _grouped(keys: Sequence) -> List[Tuple[object, int]]:
-    counts: Dict[object, int] = {}
-    for k in keys:
-        counts[k] = counts.get(k, 0) + 1
-    return list(counts.items())
-
-
 def compose(prompt: str, d: Directives, shapes: Sequence[str] = sw.SHAPES) -> str:
     """The dense rewrite of one short prompt under directives `d` (raises PromptParseError)."""
     if len(prompt.split()) >= d.keep_detailed_words:
@@ -280,10 +273,10 @@ def compose(prompt: str, d: Directives, shapes: Sequence[str] = sw.SHAPES) -> st
         sents.append(f"The image shows a single flat-colored shape{on_bg}." if n == 1 else
                      f"The image shows {sw.NUMBER_WORDS.get(n, str(n))} flat-colored shapes{on_bg}.")
     if d.count_summary:
-        summary = sw._join([sw._count_phrase(c, s, article=False) for s, c in _grouped([it.shape for it in items])])
+        summary = sw._join([sw._count_phrase(c, s, article=False) for s, c in sw._group(items, lambda it: it.shape)])
         sents.append(f"In total there {'is' if n == 1 else 'are'} {summary}.")
     if d.color_summary and n > 1 and all(it.color for it in items):
-        groups = _grouped([it.color for it in items])
+        groups = sw._group(items, lambda it: it.color)
         summary = sw._join([sw._count_phrase(c, f"{col} object", article=False) for col, c in groups])
         sents.append(f"By color, there {'is' if groups[0][1] == 1 else 'are'} {summary}.")
     if d.enumerate_instances:
@@ -295,7 +288,7 @@ def compose(prompt: str, d: Directives, shapes: Sequence[str] = sw.SHAPES) -> st
             else:
                 sents.append(f"There is {sw._article(text)} {text}.")
     else:
-        groups = _grouped([desc(it) for it in items])
+        groups = sw._group(items, desc)
         sents.append("The image contains " + sw._join([sw._count_phrase(c, t) for t, c in groups]) + ".")
     if d.relations and n > 1 and all(it.cell is not None for it in items):
         names = []

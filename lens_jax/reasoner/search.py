@@ -383,9 +383,10 @@ def run_search(config, pipeline, make_rewriter: Callable[[str], Rewriter], outdi
     # Held-out report: no rewriter, the first seed, the winner (same prompts, seeds and weights).
     log(f"held-out evaluation on {len(heldout)} prompts x {int(s.heldout_samples_per_prompt)} samples")
     k = int(s.heldout_samples_per_prompt)
-    rows = {"no rewriter": score(None, heldout, pipeline, config, k),
-            f"seed: {seeds[0][0]}": score(make_rewriter(seeds[0][1]), heldout, pipeline, config, k),
-            f"searched (candidate {best.id})": score(make_rewriter(best.system_prompt), heldout, pipeline, config, k)}
+    seed_row = score(make_rewriter(seeds[0][1]), heldout, pipeline, config, k)
+    rows = {"no rewriter": score(None, heldout, pipeline, config, k), f"seed: {seeds[0][0]}": seed_row,
+            f"searched (candidate {best.id})": (seed_row if best.system_prompt == seeds[0][1] else
+                                                score(make_rewriter(best.system_prompt), heldout, pipeline, config, k))}
     report = dict(stopped=stopped, candidates=len(cands), best=dataclasses.asdict(best),
                   proposer=getattr(proposer, "stats", {}), seconds=time.time() - t0,
                   heldout={name: dict(overall=r.summary["overall"], tasks=r.summary["tasks"],
