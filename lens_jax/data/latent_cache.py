@@ -9,7 +9,7 @@ the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -30,14 +30,25 @@ def batch_indices(n: int, step: int, batch_size: int, seed: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class EncodedDataset:
-    """img [N, n, C] float32 tokens; txt [N, L, F] float32 features; mask [N, L] bool; grid (h, w)."""
+    """img [N, n, C] float32 tokens; txt [N, L, F] float32 features; mask [N, L] bool; grid (h, w); captions:
+    the N caption strings (None when the cache was built without them)."""
     img: np.ndarray
     txt: np.ndarray
     mask: np.ndarray
     grid: Tuple[int, int]
+    captions: Optional[List[str]] = None
 
     def __post_init__(self):
         self._pos = image_positions(*self.grid)
+        if self.captions is not None and len(self.captions) != self.img.shape[0]:
+            raise ValueError(f"{len(self.captions)} captions for {self.img.shape[0]} examples")
+
+    def subset(self, keep: np.ndarray) -> "EncodedDataset":
+        """The examples at indices `keep` (in that order), captions included."""
+        keep = np.asarray(keep, np.int64)
+        caps = None if self.captions is None else [self.captions[i] for i in keep]
+        return EncodedDataset(img=self.img[keep], txt=self.txt[keep], mask=self.mask[keep], grid=self.grid,
+                              captions=caps)
 
     def __len__(self) -> int:
         return self.img.shape[0]
@@ -118,7 +129,7 @@ def encode_examples(images_and_captions, vae, encode_text: Callable, num_example
     txt = np.concatenate([fit(t, length) for t in txts])[inverse]
     mask = np.concatenate([fit(m, length) for m in masks])[inverse]
     side = int(round(np.sqrt(img.shape[1])))
-    return EncodedDataset(img=img, txt=txt, mask=mask, grid=(side, side))
+    return EncodedDataset(img=img, txt=txt, mask=mask, grid=(side, side), captions=captions)
 
 
 def build_shapes_cache(config, vae, encode_text: Callable, chunk: int = 256) -> EncodedDataset:

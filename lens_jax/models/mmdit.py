@@ -10,7 +10,10 @@ several aspect ratios padded to a common length:
   sigma      [B]          noise level in [0, 1] (1 = pure noise)
   img_mask   [B, N]       optional bool image-token validity (None = all valid)
 
-Output: the velocity [B, N, 128] in the same space (zero at padded image tokens).
+Output: the velocity [B, N, 128] in the same space (zero at padded image tokens). With `features=(i, j, ...)`
+the call returns (velocity, feats): feats[k] [B, N, D] is the image stream's hidden state after block
+features[k] (0-based), taken from the same forward pass (a discriminator on the DiT's features needs no second
+copy of the model; lens_jax/posttrain/distill.py).
 
 Parameter layout (Flax kernels are [in, out]; blocks stacked on a leading 'layers' axis by nn.scan):
   img_in, txt_norm_{0..3}, txt_in, timestep_embedder/{linear_1,linear_2},
@@ -274,8 +277,11 @@ class MMDiT(nn.Module):
     lora: Optional[Any] = None
 
     @nn.compact
-    def __call__(self, img, img_pos, txt, txt_mask, sigma, img_mask=None):
+    def __call__(self, img, img_pos, txt, txt_mask, sigma, img_mask=None, features: Tuple[int, ...] = ()):
         c = self.config
+        features = tuple(int(i) for i in features)
+        if any(not 0 <= i < c.num_layers for i in features) or len(set(features)) != len(features):
+            raise ValueError(f"features={features}: distinct block indices in [0, {c.num_layers}) expected")
         attention_lib.get_attention(self.attention)   # fail early on an unknown name
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, n, _ = img.shape
@@ -314,16 +320,38 @@ class MMDiT(nn.Module):
         if remat_lib.uses_remat(self.remat_policy):
             block = nn.remat(block, policy=remat_lib.get_policy(self.remat_policy), prevent_cse=not self.scan_layers)
         carry = (x_img, x_txt)
-        if self.scan_layers:
+        args = (temb, ang_img, ang_txt, mask, prefix_lengths)
+        feats = []
+        if self.scan_layers and features:
+            # The tapped hidden states are written into a [k + 1, B, N, D] buffer carried through the scan (row k
+            # takes the untapped layers); the update is linear, so autodiff keeps no per-layer copy of it.
+            slots = np.full((c.num_layers,), len(features), np.int32)
+            slots[list(features)] = np.arange(len(features), dtype=np.int32)
+
+            def tapped(mdl, carry3, slot, *a):
+                (img_h, txt_h), _ = mdl((carry3[0], carry3[1]), *a)
+                buf = jax.lax.dynamic_update_index_in_dim(carry3[2], img_h, slot, 0)
+                return (img_h, txt_h, buf), None
+            stack = nn.scan(tapped, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(0,) + (nn.broadcast,) * 5, length=c.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            buf = jnp.zeros((len(features) + 1,) + x_img.shape, x_img.dtype)
+            (x_img, x_txt, buf), _ = stack(block(c, self.attention, name="transformer_blocks", lora=self.lora, **kw),
+                                           carry + (buf,), jnp.asarray(slots), *args)
+            feats = [buf[k] for k in range(len(features))]
+            carry = (x_img, x_txt)
+        elif self.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(nn.broadcast,) * 5, length=c.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            carry, _ = stack(c, self.attention, name="transformer_blocks", lora=self.lora, **kw)(
-                carry, temb, ang_img, ang_txt, mask, prefix_lengths)
+            carry, _ = stack(c, self.attention, name="transformer_blocks", lora=self.lora, **kw)(carry, *args)
         else:
+            taps = {}
             for i in range(c.num_layers):
-                carry, _ = block(c, self.attention, name=f"transformer_blocks_{i}", lora=self.lora, **kw)(
-                    carry, temb, ang_img, ang_txt, mask, prefix_lengths)
+                carry, _ = block(c, self.attention, name=f"transformer_blocks_{i}", lora=self.lora, **kw)(carry, *args)
+                if i in features:
+                    taps[i] = carry[0]
+            feats = [taps[i] for i in features]
         x_img = carry[0]
 
         # Final layer: LayerNorm without affine, modulated by (scale, shift) -- scale first (spec §2.8).
@@ -337,7 +365,7 @@ class MMDiT(nn.Module):
         out = Dense(c.out_channels, ("embed", "out_channels"), name="proj_out", **kw)(x_img)
         if img_mask is not None:
             out = jnp.where(img_mask[..., None], out, 0)
-        return out
+        return (out, tuple(feats)) if features else out
 
 
 class TimestepEmbedder(nn.Module):

@@ -30,12 +30,14 @@ feeding its own rows of every global batch. Only process 0 writes files other th
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from typing import Any, Callable, Optional
 
 import jax
 
-from lens_jax import build, reasoner
+from lens_jax import build, phases, reasoner
 from lens_jax.configs.base import ConfigError, validate_common, validate_trainer
 from lens_jax.diffusion.flow_matching import flow_matching_objective
 from lens_jax.models.mmdit import dummy_inputs
@@ -209,24 +211,26 @@ def shard_pipeline(config, mesh, say):
     return pipe
 
 
-def run(config, workdir: str):
-    validate(config)
-    distributed.initialize_from_env()
-    primary = distributed.is_primary()
-    say = (lambda msg: print(msg, flush=True)) if primary else (lambda msg: None)
-    t_start = time.time()
-    if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+@dataclasses.dataclass
+class TrainingData:
+    """What a phase training on image-caption data needs from `training_data`."""
+    n_txt: int                       # text tokens per example
+    grid: tuple                      # (h, w) token grid of the init's dummy image
+    batch_shardings: dict            # the loop's: every (micro-)batch's fields
+    jit_batch_shardings: Any         # the step's batch argument (a tuple for shard micro-batches)
+    terms: list                      # [(micro-batches per step, global batch, image tokens)] (loop_options)
+    online: Any                      # build.OnlineEncoding or None
+    make_source: Callable            # Start -> the batch source
+    cache: Any = None                # the shapes-world EncodedDataset (source=shapes, features=cached)
 
-    enc = build.load_encoders(config)
-    # Built before training, so a bad reasoner setting (missing system-prompt file, unreachable endpoint) fails now.
-    rewriter = reasoner.build_rewriter(config, enc, workdir) if config.eval.enabled and primary else None
-    model = build.build_dit(config, enc)
-    mesh = sharding_lib.mesh_from_config(config)
+
+def training_data(config, enc, mesh, say, t_start: float, select: Optional[Callable] = None) -> TrainingData:
+    """The batches of config.data (module docstring): shards through the bucketed pipeline, the shapes world kept
+    raw for online encoding, or the shapes world encoded once into a cache. select: cache -> cache (the cached
+    shapes world only; e.g. distillation leaves out captions that are evaluation prompts)."""
     shards = config.data.source == "shards"
     online = None
-
+    data = pipe = None
     if shards:
         # Image-caption shards, encoded online per step (lens_jax/data/encoded_source.py).
         from lens_jax.data.buckets import token_grid
@@ -269,13 +273,12 @@ def run(config, workdir: str):
         say(f"encoding {config.data.num_examples} shapes-world examples ({config.data.caption} captions)...")
         data = build_shapes_cache(config, enc.vae, enc.encode_text)
         say(f"  cache: image tokens {data.img.shape}, text {data.txt.shape} in {time.time() - t_start:.1f}s")
+        if select is not None:
+            data = select(data)
         n_txt, grid = data.txt.shape[1], data.grid
         batch_shardings = {k: sharding_lib.batch_sharding(mesh, v.ndim) for k, v in data.example_batch(1).items()}
         jit_batch_shardings = batch_shardings
         terms = [(1.0, config.batch_size, data.img.shape[1])]
-
-    dummy = dummy_inputs(model.config, batch=1, h=grid[0], w=grid[1], text_len=n_txt)
-    spec, objectives, rules = pretrain_state(config, model, dummy, online, init_from=config.init_from)
 
     def make_source(start):
         if shards:
@@ -303,6 +306,27 @@ def run(config, workdir: str):
             source.set_state(start.data_state)
         return source
 
+    return TrainingData(n_txt=n_txt, grid=grid, batch_shardings=batch_shardings,
+                        jit_batch_shardings=jit_batch_shardings, terms=terms, online=online, make_source=make_source,
+                        cache=data if (not shards and online is None) else None)
+
+
+def run(config, workdir: str):
+    validate(config)
+    primary, say = phases.start(config, workdir)
+    t_start = time.time()
+
+    enc = build.load_encoders(config)
+    # Built before training, so a bad reasoner setting (missing system-prompt file, unreachable endpoint) fails now.
+    rewriter = reasoner.build_rewriter(config, enc, workdir) if config.eval.enabled and primary else None
+    model = build.build_dit(config, enc)
+    mesh = sharding_lib.mesh_from_config(config)
+    data = training_data(config, enc, mesh, say, t_start)
+    n_txt, grid, online = data.n_txt, data.grid, data.online
+    batch_shardings, jit_batch_shardings, terms = data.batch_shardings, data.jit_batch_shardings, data.terms
+    dummy = dummy_inputs(model.config, batch=1, h=grid[0], w=grid[1], text_len=n_txt)
+    spec, objectives, rules = pretrain_state(config, model, dummy, online, init_from=config.init_from)
+
     def on_start(start):
         say(f"DiT {config.model.preset}: {param_count(start.state, 'dit'):,} parameters; mesh {dict(mesh.shape)}")
 
@@ -319,7 +343,7 @@ def run(config, workdir: str):
             if primary:
                 sample_grid(pipeline, config, params, os.path.join(workdir, "samples", f"step_{step:06d}.png"))
 
-    result = fit(config, workdir, spec, objectives, make_source, mesh=mesh, batch_shardings=batch_shardings,
+    result = fit(config, workdir, spec, objectives, data.make_source, mesh=mesh, batch_shardings=batch_shardings,
                  jit_batch_shardings=jit_batch_shardings, options=options, rules=rules, on_step=on_step,
                  on_start=on_start, say=say)
     state, step = result.state, result.step

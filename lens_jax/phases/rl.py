@@ -28,9 +28,8 @@ import time
 
 import jax
 
-from lens_jax import build
+from lens_jax import build, phases
 from lens_jax.configs.base import ConfigError, validate_common, validate_trainer
-from lens_jax.train import distributed
 from lens_jax.train import sharding as sharding_lib
 from lens_jax.train.loop import LoopOptions
 from lens_jax.train.optim import validate_optim
@@ -123,12 +122,7 @@ def run(config, workdir: str):
     from lens_jax.train.trainer import fit
 
     validate(config)
-    distributed.initialize_from_env()
-    primary = distributed.is_primary()
-    say = (lambda msg: print(msg, flush=True)) if primary else (lambda msg: None)
-    if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    primary, say = phases.start(config, workdir)
     t0 = time.time()
     enc = build.load_encoders(config)
     model = build.build_dit(config, enc)                     # with adapters when config.lora.rank > 0

@@ -24,7 +24,7 @@ import queue
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -221,3 +221,37 @@ class Progress:
 
     def close(self) -> None:
         self._bar.close()
+
+
+def plot_metrics(workdir: str, panels: Sequence[Tuple[str, Sequence[str]]], path: str) -> Optional[str]:
+    """Plots WORKDIR/metrics.jsonl: one panel per (title, [metric keys]) against the step, saved as PNG at `path`.
+    Keys missing from every row are left out; returns the path, or None when there is nothing to plot."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = []
+    src = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(src):
+        return None
+    with open(src) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                rows.append(json.loads(line))
+    panels = [(t, [k for k in keys if any(k in r for r in rows)]) for t, keys in panels]
+    panels = [(t, keys) for t, keys in panels if keys]
+    if not rows or not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k.split("/", 1)[-1], lw=1.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

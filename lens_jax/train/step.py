@@ -11,7 +11,8 @@ objective's `updates` only; frozen nets and frozen leaves get none.
 
 Several update rules per step: `objectives` run in order inside the one jit, each `repeats` times (e.g.
 distillation's four fake-score updates per student update), every update seeing the weights the previous one
-left. Each objective's update of each net applies that net's Optax optimiser; `after_fn` may then replace
+left; repeats on the same batch (no `select_fn`) run as a lax.scan over their keys, so the update is traced and
+compiled once. Each objective's update of each net applies that net's Optax optimiser; `after_fn` may then replace
 weights of any net as a pure function of the updated weights (e.g. SenseFlow's phi <- 0.97 phi + 0.03 theta).
 After all objectives every net with an EMA that was updated in this step moves its EMA:
 e <- d e + (1 - d) theta, with d = `Net.ema_decay` (a number or a function of the step, e.g. a ramped
@@ -233,6 +234,36 @@ def make_train_step(spec: TrainSpec, objectives: Sequence[Objective], *, grad_ac
         metrics.update({f"loss_mb{j}": losses[j] for j in range(n)})
         return jnp.sum(losses * frac), metrics, g, trained, frozen
 
+    def one_update(obj: Objective, nets, updated, b, k, step):
+        """One update of `obj` on batch `b` with key `k`: (nets, updated flags, metrics row)."""
+        nets = {n: dict(e) for n, e in nets.items()}
+        updated = dict(updated)
+        loss, m, grads, trained, frozen = gradients(obj, nets, b, k)
+        net_norms = {n: optax.global_norm(grads[n]) for n in obj.updates}
+        grad_norm = optax.global_norm(list(net_norms.values())) if len(net_norms) > 1 \
+            else next(iter(net_norms.values()))
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        for n in obj.updates:
+            net = spec[n]
+            upd, opt_state = net.optimizer.update(grads[n], nets[n]["opt_state"], trained[n])
+            new_params = combine(optax.apply_updates(trained[n], upd), frozen[n])
+            nets[n]["params"] = _where(ok, new_params, nets[n]["params"])
+            nets[n]["opt_state"] = _where(ok, opt_state, nets[n]["opt_state"])
+            updated[n] = updated[n] | ok
+            m[f"update_norm/{n}"] = optax.global_norm(upd)
+            m[f"param_norm/{n}"] = optax.global_norm(nets[n]["params"])
+            if net.schedule is not None:
+                m[f"lr/{n}"] = jnp.asarray(net.schedule(step), jnp.float32)
+            if len(obj.updates) > 1:
+                m[f"grad_norm/{n}"] = net_norms[n]
+        if obj.after_fn is not None:
+            for n, p in obj.after_fn(params_view(nets), step).items():
+                nets[n]["params"] = _where(ok, p, nets[n]["params"])
+                if n in updated:
+                    updated[n] = updated[n] | ok
+        row = dict(m, loss=loss, grad_norm=grad_norm, skipped=(~ok).astype(jnp.int32))
+        return nets, updated, {k_: jnp.asarray(v) for k_, v in row.items()}
+
     def train_step(state, batch):
         step = state["step"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
@@ -241,36 +272,25 @@ def make_train_step(spec: TrainSpec, objectives: Sequence[Objective], *, grad_ac
         metrics: Dict[str, Any] = {}
         skipped = jnp.zeros((), jnp.int32)
         for i, obj in enumerate(objectives):
-            rows = []
-            for r in range(int(obj.repeats)):
-                k = key if i == 0 and r == 0 else jax.random.fold_in(jax.random.fold_in(key, i), r)
-                b = obj.select_fn(batch, r) if obj.select_fn is not None else batch
-                loss, m, grads, trained, frozen = gradients(obj, nets, b, k)
-                net_norms = {n: optax.global_norm(grads[n]) for n in obj.updates}
-                grad_norm = optax.global_norm(list(net_norms.values())) if len(net_norms) > 1 \
-                    else next(iter(net_norms.values()))
-                ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-                for n in obj.updates:
-                    net = spec[n]
-                    upd, opt_state = net.optimizer.update(grads[n], nets[n]["opt_state"], trained[n])
-                    new_params = combine(optax.apply_updates(trained[n], upd), frozen[n])
-                    nets[n]["params"] = _where(ok, new_params, nets[n]["params"])
-                    nets[n]["opt_state"] = _where(ok, opt_state, nets[n]["opt_state"])
-                    updated[n] = updated[n] | ok
-                    m[f"update_norm/{n}"] = optax.global_norm(upd)
-                    m[f"param_norm/{n}"] = optax.global_norm(nets[n]["params"])
-                    if net.schedule is not None:
-                        m[f"lr/{n}"] = net.schedule(step)
-                    if len(obj.updates) > 1:
-                        m[f"grad_norm/{n}"] = net_norms[n]
-                if obj.after_fn is not None:
-                    for n, p in obj.after_fn(params_view(nets), step).items():
-                        nets[n]["params"] = _where(ok, p, nets[n]["params"])
-                        if n in updated:
-                            updated[n] = updated[n] | ok
-                bad = (~ok).astype(jnp.int32)
-                skipped = skipped + bad
-                rows.append(dict(m, loss=loss, grad_norm=grad_norm, skipped=bad))
+            keys = [key if i == 0 and r == 0 else jax.random.fold_in(jax.random.fold_in(key, i), r)
+                    for r in range(int(obj.repeats))]
+            if len(keys) > 1 and obj.select_fn is None:
+                # Repeated updates on the same batch: one traced update in a lax.scan over the keys (the same
+                # draws as unrolled updates, compiled once).
+                def body(carry, k, obj=obj):
+                    nets_, updated_ = carry
+                    nets_, updated_, row_ = one_update(obj, nets_, updated_, batch, k, step)
+                    return (nets_, updated_), row_
+                (nets, updated), stacked = jax.lax.scan(body, (nets, updated), jnp.stack(keys))
+                rows = [jax.tree.map(lambda x, r=r: x[r], stacked) for r in range(len(keys))]
+            else:
+                rows = []
+                for r, k in enumerate(keys):
+                    b = obj.select_fn(batch, r) if obj.select_fn is not None else batch
+                    nets, updated, row_ = one_update(obj, nets, updated, b, k, step)
+                    rows.append(row_)
+            for row_ in rows:
+                skipped = skipped + row_["skipped"]
             row = rows[0] if len(rows) == 1 else {
                 k: (jnp.sum(jnp.stack([x[k] for x in rows])) if k == "skipped"
                     else jnp.mean(jnp.stack([jnp.asarray(x[k], jnp.float32) for x in rows])))
