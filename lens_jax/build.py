@@ -195,7 +195,8 @@ def restore_dit(config, model: MMDiT, source: str, params: str = "", mesh=None) 
 
     source: a converted weights directory (tools/convert_checkpoint.py --kind=lens_dit), or a run workdir /
     checkpoints directory / checkpoint step directory. params: which weights of a run: '<net>' (e.g. 'dit',
-    'student') or '<net>.ema'; '' = 'dit.ema' when that run keeps an EMA of 'dit', else 'dit'.
+    'student') or '<net>.ema'; '' = 'dit.ema' when that run keeps an EMA of 'dit', else 'dit' ('student' for a
+    distill run, which has no 'dit').
     """
     from lens_jax.checkpoints import orbax_io
     from lens_jax.train.checkpoints import CheckpointMismatchError
@@ -217,8 +218,9 @@ def restore_dit(config, model: MMDiT, source: str, params: str = "", mesh=None) 
         if step is None:
             raise ConfigError(f"no complete checkpoint in {ckpt_dir}: run a training phase first")
         choice = params
-        if not choice:
-            choice = "dit.ema" if ckpt.has_item(step, "dit") and _has_ema(ckpt, step, "dit") else "dit"
+        if not choice:      # a distill run holds no 'dit': its 'student' is the model it trained
+            net = "student" if not ckpt.has_item(step, "dit") and ckpt.has_item(step, "student") else "dit"
+            choice = f"{net}.ema" if ckpt.has_item(step, net) and _has_ema(ckpt, step, net) else net
         net, part = (choice[:-len(EMA_SUFFIX)], "ema") if choice.endswith(EMA_SUFFIX) else (choice, "params")
         if not ckpt.has_item(step, net):
             raise ConfigError(f"{ckpt_dir} step {step} holds no net {net!r} (it holds {ckpt.nets_at(step)}); "

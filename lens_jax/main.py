@@ -7,6 +7,7 @@ overrides a value and an unknown key fails. `config.phase` picks what runs:
   vae           the recipe of a small FLUX.2-architecture VAE (research scale) and its latent BN statistics
   text_encoder  the recipe of a sentencepiece tokenizer and a small GPT-OSS-architecture LM on captions
   rl            RL post-training of the DiT (DiffusionNFT or Flow-GRPO) with rubric rewards from a judge
+  distill       a few-step Turbo student from a teacher DiT (DMD2 + decoupled-DMD + adversarial, TTUR, IDA)
   sample        render prompts with a trained DiT
   eval          synthetic GenEval (ShapesEval) of a trained DiT, in GenEval's file protocol
 
@@ -35,6 +36,7 @@ PHASES = {
     "sample": "lens_jax.phases.sample",
     "eval": "lens_jax.phases.evaluate",
     "prompt_search": "lens_jax.phases.prompt_search",
+    "distill": "lens_jax.phases.distill",
 }
 
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Experiment file[:variant].", lock_config=True)
@@ -48,8 +50,9 @@ def run(config, workdir: str):
     os.makedirs(workdir, exist_ok=True)
     if config.get("compile_only", False):
         # Memory planning: compile the full-scale step on fake CPU devices and report (lens_jax/train/compile_only.py).
-        if config.phase not in ("pretrain", "rl"):
-            raise ConfigError(f"config.compile_only is supported for phases 'pretrain' and 'rl', not {config.phase!r}")
+        if config.phase not in ("pretrain", "rl", "distill"):
+            raise ConfigError(f"config.compile_only is supported for phases 'pretrain', 'rl' and 'distill', not "
+                              f"{config.phase!r}")
         from lens_jax.train import compile_only
         return compile_only.run(config, workdir)
     module = importlib.import_module(PHASES[config.phase])

@@ -168,6 +168,29 @@ def sample_config(num_steps: int = 20, guidance: float = 5.0) -> ml_collections.
     ))
 
 
+def split_turbo(arg) -> tuple:
+    """(pretrain variant, turbo?) of a sample / eval variant: 'turbo' = the Lens model with the Turbo preset,
+    '<variant>_turbo' (e.g. 'tiny_turbo') = that variant's model with it; anything else as is."""
+    arg = (arg or "").strip()
+    if arg == "turbo":
+        return "stage1", True
+    if arg.endswith("_turbo"):
+        return arg[:-len("_turbo")], True
+    return arg or None, False
+
+
+def apply_turbo(c: ml_collections.ConfigDict, variant: str) -> None:
+    """The Turbo preset (LENS_SPEC §7.4-7.5): a distilled student's 4 steps at guidance 1, so the sampler makes one
+    conditional pass per step and computes no unconditional branch (a distill run's weights: its 'student'), on
+    the sigma grid experiments/distill.py distils that variant's student for (its distill.student_mu)."""
+    d = load_experiment("distill", "tiny" if variant == "tiny" else "lens").distill
+    for section in ("sample", "eval"):
+        if section in c:
+            c[section].num_steps = int(d.student_steps)
+            c[section].guidance = 1.0
+            c[section].mu = float(d.student_mu)
+
+
 def reasoner_config() -> ml_collections.ConfigDict:
     """The prompt rewriter in front of the DiT (LENS_SPEC §9; lens_jax/reasoner/). backend 'none' = off."""
     return ml_collections.ConfigDict(dict(

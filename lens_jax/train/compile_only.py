@@ -140,10 +140,15 @@ def run(config, workdir: Optional[str] = None, log=print) -> Dict[str, Any]:
     def bsh(ndim):
         return sharding_lib.batch_sharding(mesh, ndim)
 
-    rl = None
+    rl = distill = None
     if config.phase == "rl":
         rl = _rl_plan(config, model, mesh, dp, s_txt, feat, dtype, sds, bsh)
         shapes, batches, online = rl["shapes"], [rl["batch"]], False
+    elif config.phase == "distill":
+        distill = _distill_plan(config, model, shapes)
+        shapes = distill["shapes"]
+        batches = [_pretrain_batch(config, cfg, sh, s_txt, feat, dtype, False, sds, bsh) for sh in shapes]
+        online = False
     else:
         batches = [_pretrain_batch(config, cfg, sh, s_txt, feat, dtype, online, sds, bsh) for sh in shapes]
     batch_arg = batches[0] if len(batches) == 1 else tuple(batches)
@@ -157,10 +162,12 @@ def run(config, workdir: Optional[str] = None, log=print) -> Dict[str, Any]:
         encoding = build.online_encoding(config, vae_config(config.vae.preset),
                                          gpt_oss_config(config.text_encoder.preset), _offset(config), batches[0],
                                          load=False)
-    if rl is None:
-        spec, objectives, rules = pretrain_state(config, model, dummy_inputs(cfg), encoding)
-    else:
+    if rl is not None:
         spec, objectives, rules = rl["spec"], rl["objectives"], rl["rules"]
+    elif distill is not None:
+        spec, objectives, rules = distill["spec"], distill["objectives"], distill["rules"]
+    else:
+        spec, objectives, rules = pretrain_state(config, model, dummy_inputs(cfg), encoding)
     abstract, _ = spec.abstract(mesh)
     jitted, _ = jit_step(spec, objectives, mesh, sharding_lib.batch_shardings(mesh, batch_arg),
                          grad_accum_steps=k_accum, rules=rules)
@@ -188,6 +195,8 @@ def run(config, workdir: Optional[str] = None, log=print) -> Dict[str, Any]:
     remat_factor = 4.0 if m.remat_policy == "full" else 3.0
     if rl is not None:
         remat_factor = rl["forward_factor"](remat_factor)
+    if distill is not None:
+        remat_factor = distill["forward_factor"](remat_factor)
     # per_device_batch is per data-parallel rank: with tensor > 1 the tensor group shares those examples.
     fwd = sum(forward_flops(cfg, sh["per_device"], sh["tokens"], s_txt) for sh in shapes)
     per_net = bytes_per_device(abstract)
@@ -275,6 +284,25 @@ def _rl_plan(config, model, mesh, dp, s_txt, feat, dtype, sds, bsh) -> Dict[str,
         factor = lambda f: (steps - 1) * (f + kl)  # noqa: E731
     return dict(spec=spec, objectives=objectives, rules=rules, batch=batch, shapes=shapes, forward_factor=factor,
                 plain=plain, buckets=buckets, side=side, rollouts=b, tokens=n, nft=nft)
+
+
+def _distill_plan(config, model, shapes) -> Dict[str, Any]:
+    """The distill train state (phases.distill.distill_state: student, fake score, discriminator head, frozen
+    teacher) and its micro-batches: the base areas config.data.area_mixture draws (all when empty)."""
+    from lens_jax.models.mmdit import dummy_inputs
+    from lens_jax.phases.distill import discriminator, distill_state, student_sigmas
+    weights = tuple(config.data.area_mixture) or (1.0,) * len(shapes)
+    drawn = [sh for sh, w in zip(shapes, weights) if w > 0]
+    spec, objectives, rules = distill_state(config, model, discriminator(config, model), dummy_inputs(model.config),
+                                            student_sigmas(config))
+    d = config.distill
+    k, ttur = int(d.student_steps), int(d.ttur)
+    # Forwards per example per step from the trained forward+backward(+recompute) factor f: each critic update
+    # K student forwards (its sample), the fake score's f, the teacher on real / fake / perturbed real (3); the
+    # student update K - 1 simulated forwards and its f, teacher and fake score at t1 (2), the CFG teacher at t2
+    # (2) and the adversarial teacher pass with an input gradient (f - 1).
+    factor = lambda f: ttur * (k + f + 3) + (k - 1) + f + 4 + (f - 1)  # noqa: E731
+    return dict(spec=spec, objectives=objectives, rules=rules, shapes=drawn, forward_factor=factor)
 
 
 def _rl_rollout_report(config, model, mesh, abstract, rl, s_txt, feat, dtype, sds, bsh, train_total):
