@@ -273,31 +273,26 @@ def test_bad_recipe_values():
 
 # ----------------------------------------------------------------------------- the phase
 
-def _converted(path, preset):
+def _converted(path, preset, scan_layers=False):
     from lens_jax.checkpoints import orbax_io
     cfg = mmdit_config(preset)
-    m = MMDiT(cfg, scan_layers=False)
+    m = MMDiT(cfg, scan_layers=scan_layers)
     p = jax.tree.map(np.asarray, nn.meta.unbox(m.init(jax.random.key(0), **dummy_inputs(cfg))["params"]))
     orbax_io.save_weights(str(path), {"params": p},
                           {"kind": "lens_dit", "preset": preset, "config": dataclasses.asdict(cfg)})
     return str(path)
 
 
-MICRO = ["--config.num_steps=4", "--config.data.num_examples=48", "--config.batch_size=4",
+MICRO = ["--config.num_steps=6", "--config.data.num_examples=48", "--config.batch_size=4",
          "--config.distill.ttur=2", "--config.distill.student_steps=2", "--config.eval.enabled=False",
-         "--config.distill.sample_every=0", "--config.log_every=1", "--config.checkpoint_every=2"]
+         "--config.distill.sample_every=0", "--config.log_every=1", "--config.checkpoint_every=2",
+         "--config.model.scan_layers=True"]        # one traced block instead of four: a smaller compile
 
 
 def _config(**overrides):
     from lens_jax.configs.base import load_experiment
     c = load_experiment("distill", "tiny")
-    with c.unlocked():
-        for k, v in overrides.items():
-            node = c
-            *parents, leaf = k.split(".")
-            for p in parents:
-                node = node[p]
-            node[leaf] = v
+    c.update_from_flattened_dict(overrides)
     return c
 
 
@@ -346,20 +341,22 @@ def _rows(workdir):
 
 @pytest.mark.slow
 def test_phase_sigkill_and_rerun_continue_bit_identically(tmp_path):
-    init = _converted(tmp_path / "init", "shapes_tiny")
+    init = _converted(tmp_path / "init", "shapes_tiny", scan_layers=True)
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     rc, out = _run(ref, init)
     assert rc == 0, out[-3000:]
-    rc, out = _run(killed, init, fault="3:KILL")
+    rc, out = _run(killed, init, fault="5:KILL")
     assert rc == -9, out[-3000:]
     rc, out = _run(killed, init)
     assert rc == 0, out[-3000:]
-    assert "resumed from" in out and "step 2" in out, out[-2000:]
+    import re
+    m = re.search(r"resumed from \S+ step (\d+)", out)
+    assert m and int(m.group(1)) in (2, 4), out[-2000:]          # continued, did not start over
     a, b = _rows(ref), _rows(killed)
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    keys = [k for k in a[4] if k.endswith("loss") or k.startswith("critic/d_") or k.endswith("grad_norm")]
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    keys = [k for k in a[6] if k.endswith("loss") or k.startswith("critic/d_") or k.endswith("grad_norm")]
     assert any(k.startswith("critic/") for k in keys) and any(k.startswith("student/") for k in keys)
-    for s in (3, 4):
+    for s in range(1, 7):
         assert {k: b[s][k] for k in keys} == {k: a[s][k] for k in keys}    # exact float equality
 
 

@@ -80,6 +80,16 @@ def test_nft_run_writes_metrics_grids_evals_and_a_mergeable_checkpoint(base_run,
     merged = json.load(open(tmp_path / "eval_merged" / "eval" / "synthetic_geneval.json"))
     after = json.load(open(os.path.join(wd, "eval", "synthetic_geneval.json")))
     assert merged["per_prompt"] == after["per_prompt"]   # the merged checkpoint renders what the run evaluated
+    # distillation from this RL run merges its adapters first (phases/distill.dit_source)
+    from lens_jax.checkpoints import orbax_io
+    from lens_jax.phases import distill as distill_phase
+    dc = load_experiment("distill", "tiny")
+    dc.init_from = wd
+    os.makedirs(tmp_path / "distill")
+    path, net, part = distill_phase.dit_source(dc, wd, "", "config.init_from", str(tmp_path / "distill"),
+                                               lambda *_: None)
+    assert (net, part) == ("dit", "params") and path.startswith(str(tmp_path / "distill"))
+    assert orbax_io.load_meta(path)["lora"]["rank"] == 16
     # a rerun with more steps resumes from the checkpoint
     res2 = lens_main.run(rl_config(base_run, num_steps=4, **{"eval.enabled": False}), wd)
     assert res2.start.step == 3 and res2.step == 4

@@ -25,7 +25,6 @@ import copy
 import json
 import os
 import re
-import sys
 import time
 
 from lens_jax import build, phases
@@ -153,8 +152,7 @@ def dit_source(config, path: str, params: str, option: str, workdir: str, say):
     if rc is not None and rc.get("phase") == "rl" and int((rc.get("lora") or {}).get("rank", 0) or 0) > 0:
         out = os.path.join(workdir, "merged_" + re.sub(r"\W", "_", option.replace("config.", "")))
         if not os.path.exists(out):
-            sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-            from tools.merge_lora import merge_run
+            from lens_jax.posttrain.merge_lora import merge_run
             merge_run(path, out, params=choice, log=say)
         return out, "dit", "params"
     net, part = (choice[:-4], "ema") if choice.endswith(".ema") else (choice, "params")
