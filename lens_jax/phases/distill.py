@@ -119,9 +119,9 @@ def _run_config(path: str):
     return None
 
 
-def check_same_dit(config, path: str, option: str) -> None:
-    """Raises ConfigError if the DiT saved at `path` (a run's config.json, or a converted checkpoint's meta) is
-    not the architecture of config.model."""
+def check_same_dit(config, path: str, option: str, run_config=None) -> None:
+    """Raises ConfigError if the DiT saved at `path` (a run's config.json -- `run_config` when already read -- or a
+    converted checkpoint's meta) is not the architecture of config.model."""
     from lens_jax.checkpoints import orbax_io
     from lens_jax.models.mmdit import mmdit_config
     mine = mmdit_config(config.model.preset)
@@ -129,7 +129,7 @@ def check_same_dit(config, path: str, option: str) -> None:
     if os.path.exists(os.path.join(p, orbax_io.META_FILE)):
         theirs_preset = orbax_io.load_meta(p).get("preset")
     else:
-        rc = _run_config(p)
+        rc = run_config if run_config is not None else _run_config(p)
         if rc is None:
             return                   # a bare checkpoint: the restore's shape check reports a mismatch
         theirs_preset = rc.get("model", {}).get("preset")
@@ -146,8 +146,8 @@ def check_same_dit(config, path: str, option: str) -> None:
 def dit_source(config, path: str, params: str, option: str, workdir: str, say):
     """(path, net, part) to load DiT weights from; an RL run with LoRA adapters is merged into
     WORKDIR/merged_<option>/ first (tools/merge_lora.py)."""
-    check_same_dit(config, path, option)
     rc = _run_config(path)
+    check_same_dit(config, path, option, run_config=rc)
     choice = params or ("dit.ema" if rc is not None and float(rc.get("ema_decay", 0.0) or 0.0) > 0 else "dit")
     if rc is not None and rc.get("phase") == "rl" and int((rc.get("lora") or {}).get("rank", 0) or 0) > 0:
         out = os.path.join(workdir, "merged_" + re.sub(r"\W", "_", option.replace("config.", "")))

@@ -167,8 +167,11 @@ def _repeat(batch, n: int):
     return {k: jnp.concatenate([v] * n, 0) for k, v in batch.items() if k in ("txt", "txt_mask", "img_pos", "img_mask")}
 
 
-def _zero_padded(x, batch):
-    return x if "img_mask" not in batch else jnp.where(batch["img_mask"][..., None], x, 0.0)
+def _zero_padded(x, batch, rows: int = 1):
+    """x [rows * B, N, C] with the padded image tokens of the batch's img_mask (repeated rows times) zeroed."""
+    if "img_mask" not in batch:
+        return x
+    return jnp.where(jnp.concatenate([batch["img_mask"]] * rows, 0)[..., None], x, 0.0)
 
 
 def student_sample(apply, params, batch, key, cfg: DistillConfig):
@@ -205,15 +208,15 @@ def teacher_cfg_x0(apply, teacher, batch, x_t, t, guidance: float, rescale: bool
     the distribution the guided teacher samples."""
     from lens_jax.diffusion.sampler import cfg_combine
     b = x_t.shape[0]
-    both = dict(_repeat(batch, 2))
-    both["txt"] = jnp.concatenate([batch["txt"], jnp.zeros_like(batch["txt"])], 0)
-    both["txt_mask"] = jnp.concatenate([batch["txt_mask"], jnp.zeros_like(batch["txt_mask"])], 0)
     if sequential:       # conditional, then unconditional: one batch of activations at a time
         texts = (jnp.stack([batch["txt"], jnp.zeros_like(batch["txt"])]),
                  jnp.stack([batch["txt_mask"], jnp.zeros_like(batch["txt_mask"])]))
         v = jax.lax.map(lambda tm: apply(teacher, dict(batch, txt=tm[0], txt_mask=tm[1]), x_t, t), texts)
         v = jax.lax.stop_gradient(jnp.concatenate([v[0], v[1]], 0))
     else:
+        both = dict(_repeat(batch, 2))
+        both["txt"] = jnp.concatenate([batch["txt"], jnp.zeros_like(batch["txt"])], 0)
+        both["txt_mask"] = jnp.concatenate([batch["txt_mask"], jnp.zeros_like(batch["txt_mask"])], 0)
         x2, t2 = jnp.concatenate([x_t, x_t], 0), jnp.concatenate([t, t], 0)
         v = jax.lax.stop_gradient(apply(teacher, both, x2, t2))
     x0_c, x0_u = x0_of(x_t, t, v[:b]), x0_of(x_t, t, v[b:])
@@ -280,7 +283,7 @@ def critic_loss_fn(apply, disc_model, cfg: DistillConfig):
         real_t = noised(x_real, jax.random.normal(k_er, x0.shape, jnp.float32), td)
         fake_t = noised(x0, jax.random.normal(k_eg, x0.shape, jnp.float32), td)
         pert = real_t + cfg.r1_alpha * jax.random.normal(k_r1, x0.shape, jnp.float32)
-        xs = _zero_padded_rows(jnp.concatenate([real_t, fake_t, pert], 0), batch, 3)
+        xs = _zero_padded(jnp.concatenate([real_t, fake_t, pert], 0), batch, 3)
         d = discriminate(apply, disc_model, params["teacher"], params["disc"], batch, jax.lax.stop_gradient(xs),
                          jnp.concatenate([td, td, td], 0), cfg, rows=3)
         d_real, d_fake, d_pert = d[:b], d[b:2 * b], d[2 * b:]
@@ -294,12 +297,6 @@ def critic_loss_fn(apply, disc_model, cfg: DistillConfig):
                    "d_fake_acc": jnp.mean((d_fake < 0).astype(jnp.float32))}
         return loss, metrics
     return loss_fn
-
-
-def _zero_padded_rows(x, batch, rows: int):
-    if "img_mask" not in batch:
-        return x
-    return jnp.where(jnp.concatenate([batch["img_mask"]] * rows, 0)[..., None], x, 0.0)
 
 
 def student_loss_fn(apply, disc_model, cfg: DistillConfig):
